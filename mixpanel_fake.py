@@ -93,6 +93,8 @@ _PIXEL_GIF = (
 # A JSONP callback name: the browser SDK uses `mixpanel._jsc["..."]` or
 # `(function(){})`; anything else is refused rather than reflected.
 _CALLBACK_RE = re.compile(r"^[\w$.\[\]\"'(){}]{1,256}$")
+# Standard or URL-safe base64 alphabet, padded.
+_BASE64_RE = re.compile(r"^[A-Za-z0-9+/_-]*={0,2}$")
 
 
 # =============================================================================
@@ -617,12 +619,11 @@ def _decode_data(raw: str) -> Any:
     b64 = unquote(raw).strip().replace(" ", "+")
     b64 += "=" * (-len(b64) % 4)
     try:
-        decoded = base64.b64decode(b64, validate=True)
+        if not _BASE64_RE.match(b64):
+            raise ValueError(b64)
+        decoded = base64.b64decode(b64.replace("-", "+").replace("_", "/"), validate=True)
     except (binascii.Error, ValueError):
-        try:
-            decoded = base64.urlsafe_b64decode(b64)
-        except (binascii.Error, ValueError):
-            raise _PayloadError("data, neither JSON nor base64-encoded JSON") from None
+        raise _PayloadError("data, neither JSON nor base64-encoded JSON") from None
     try:
         return _loads(decoded.decode("utf-8"))
     except UnicodeDecodeError:

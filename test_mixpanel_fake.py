@@ -1,0 +1,1195 @@
+"""Tests for mixpanel_fake, over real HTTP.
+
+Run: ``python test_mixpanel_fake.py`` (prints ``N passed, N failed`` last).
+The SDK conformance tests drive the real, pinned SDKs when installed (see
+conformance/ and .ci/run): Python ``mixpanel`` in this interpreter, Node
+``mixpanel`` in conformance/node_modules.  Without them those tests skip,
+or fail when MIXPANEL_FAKE_REQUIRE_SDKS=1.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import http.client
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import unittest
+import urllib.parse
+
+import mixpanel_fake
+from mixpanel_fake import MixpanelFake, Project, WaitTimeout
+
+try:
+    import mixpanel
+except ImportError:  # the SDK tests skip (or fail when SDKs are required)
+    mixpanel = None
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+NODE_DRIVER = os.path.join(HERE, "conformance", "node_sdk.js")
+NODE_SDK = os.path.join(HERE, "conformance", "node_modules", "mixpanel")
+REQUIRE_SDKS = os.environ.get("MIXPANEL_FAKE_REQUIRE_SDKS") == "1"
+
+# A fixed instant for tests that pin the clock: 2026-11-14T22:13:20Z.
+T0 = 1794694400
+TOKEN = "tok_test"
+
+MP: MixpanelFake
+
+
+def setUpModule() -> None:
+    global MP
+    MP = MixpanelFake().start()
+
+
+def tearDownModule() -> None:
+    MP.stop()
+
+
+# --- helpers -----------------------------------------------------------------
+
+
+def _http(method, path, body=None, headers=None, port=None, timeout=10):
+    """One request on a fresh connection: (status, headers dict, body bytes)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port or MP.port, timeout=timeout)
+    try:
+        if isinstance(body, str):
+            body = body.encode("utf-8")
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def _json(method, path, body=None, headers=None):
+    status, _, raw = _http(method, path, body, headers)
+    return status, json.loads(raw)
+
+
+def _b64(value) -> str:
+    return base64.b64encode(json.dumps(value).encode("utf-8")).decode("ascii")
+
+
+def _form(**fields) -> str:
+    return urllib.parse.urlencode(fields)
+
+
+def _basic(username, password="") -> dict:
+    raw = f"{username}:{password}".encode()
+    return {"Authorization": "Basic " + base64.b64encode(raw).decode()}
+
+
+def _event(name="Signed Up", token=TOKEN, **props):
+    return {"event": name, "properties": dict({"token": token}, **props)}
+
+
+def _require(available: bool, reason: str, case: unittest.TestCase) -> None:
+    if not available:
+        if REQUIRE_SDKS:
+            case.fail(reason + " (MIXPANEL_FAKE_REQUIRE_SDKS=1)")
+        case.skipTest(reason)
+
+
+class _ServerTestCase(unittest.TestCase):
+    """Each test starts from an empty store, with the clock pinned at T0."""
+
+    def setUp(self) -> None:
+        MP.reset()
+        MP.set_time(T0)
+        self.addCleanup(MP.set_time, None)
+        self.addCleanup(MP.check)
+
+    def stored(self, **filters):
+        return MP.events(**filters)
+
+    def server_props(self, endpoint="/track"):
+        """The properties Mixpanel adds on ingestion, at the pinned clock."""
+        added = {"$mp_api_endpoint": "127.0.0.1", "$mp_api_timestamp_ms": T0 * 1000,
+                 "mp_processing_time_ms": T0 * 1000}
+        if endpoint == "/import":
+            added["$import"] = True
+        return added
+
+
+# =============================================================================
+# The seed's contract
+# =============================================================================
+
+
+class TestContract(_ServerTestCase):
+
+    def test_root_names_the_protocol(self):
+        status, body = _json("GET", "/")
+        self.assertEqual(status, 200)
+        self.assertEqual((body["name"], body["protocol"], body["version"]),
+                         ("mixpanel", "mixpanel", mixpanel_fake.__version__))
+
+    def test_health(self):
+        self.assertEqual(_json("GET", "/health"), (200, {"status": "ok"}))
+
+    def test_events_listing_shape(self):
+        _http("POST", "/track", json.dumps([_event(distinct_id="u1", time=T0 - 60)]))
+        status, body = _json("GET", "/__parlel/events")
+        self.assertEqual(status, 200)
+        self.assertEqual(body["count"], 1)
+        row = body["events"][0]
+        self.assertEqual(set(row) >= {"id", "event", "properties", "distinct_id", "time"}, True)
+        self.assertEqual((row["event"], row["distinct_id"], row["time"], row["project"]),
+                         ("Signed Up", "u1", T0 - 60, TOKEN))
+        self.assertIsInstance(row["id"], int)
+
+    def test_people_listing_shape(self):
+        _http("POST", "/engage", json.dumps({"$token": TOKEN, "$distinct_id": "u1",
+                                             "$set": {"plan": "pro"}, "$ignore_time": True}))
+        self.assertEqual(_json("GET", "/__parlel/people"), (200, {"count": 1, "people": [
+            {"$distinct_id": "u1", "$properties": {"plan": "pro"}, "project": TOKEN}]}))
+
+    def test_groups_listing_shape(self):
+        _http("POST", "/groups", json.dumps({"$token": TOKEN, "$group_key": "company",
+                                             "$group_id": "acme", "$set": {"size": 5}}))
+        self.assertEqual(_json("GET", "/__parlel/groups"), (200, {"count": 1, "groups": [
+            {"$group_key": "company", "$group_id": "acme", "$properties": {"size": 5},
+             "project": TOKEN}]}))
+
+    def test_delete_events_clears_events_only(self):
+        _http("POST", "/track", json.dumps(_event()))
+        _http("POST", "/engage", json.dumps({"$token": TOKEN, "$distinct_id": "u", "$set": {"a": 1}}))
+        self.assertEqual(_json("DELETE", "/__parlel/events"), (200, {"ok": True, "count": 0}))
+        self.assertEqual(MP.events(), [])
+        self.assertEqual(list(MP.profiles()), ["u"])
+
+    def test_reset_forgets_everything(self):
+        _http("POST", "/track", json.dumps(_event()))
+        _http("POST", "/engage", json.dumps({"$token": TOKEN, "$distinct_id": "u", "$set": {"a": 1}}))
+        _http("POST", "/track", json.dumps({"event": "no token"}))
+        self.assertEqual(_json("POST", "/__parlel/reset"), (200, {"ok": True}))
+        self.assertEqual((MP.events(), MP.profiles(), MP.rejected()), ([], {}, []))
+
+    def test_options_any_path_is_204(self):
+        for path in ("*", "/track", "/anything/at/all"):
+            with self.subTest(path=path):
+                status, _, body = _http("OPTIONS", path)
+                self.assertEqual((status, body), (204, b""))
+
+    def test_project_param_scopes_every_listing(self):
+        _http("POST", "/track", json.dumps([_event("A", token="p1"), _event("B", token="p2")]))
+        _http("POST", "/engage", json.dumps([{"$token": "p1", "$distinct_id": "x", "$set": {"a": 1}},
+                                             {"$token": "p2", "$distinct_id": "y", "$set": {"a": 2}}]))
+        _http("POST", "/groups", json.dumps([{"$token": "p2", "$group_key": "k", "$group_id": "g",
+                                              "$set": {"a": 1}}]))
+        _, events = _json("GET", "/__parlel/events?project=p1")
+        self.assertEqual([e["event"] for e in events["events"]], ["A"])
+        _, people = _json("GET", "/__parlel/people?project=p2")
+        self.assertEqual([p["$distinct_id"] for p in people["people"]], ["y"])
+        _, groups = _json("GET", "/__parlel/groups?project=p1")
+        self.assertEqual(groups["count"], 0)
+        _json("POST", "/__parlel/reset?project=p1")
+        self.assertEqual([e["event"] for e in MP.events()], ["B"])
+        self.assertEqual(list(MP.profiles()), ["y"])
+
+
+# =============================================================================
+# Transport: every encoding the SDKs send (sdks.md §0 item 3, §5.3)
+# =============================================================================
+
+# "~~~>>>???" makes base64 with '+' and '/' in it (sdks.md §2.2).
+_TRICKY = {"event": "Tricky", "properties": {"token": TOKEN, "s": "~~~>>>???", "u": "naïve ☃"}}
+_TRICKY_B64 = _b64(_TRICKY)
+assert "+" in _TRICKY_B64 and "/" in _TRICKY_B64
+
+
+class TestEncodings(_ServerTestCase):
+
+    CASES = [
+        # (label, method, path, body, headers)
+        ("form data= URL-encoded JSON (Python SDK)", "POST", "/track",
+         _form(data=json.dumps([_TRICKY]), verbose=1, ip=0), {}),
+        ("form data= URL-encoded base64 (browser, Ruby)", "POST", "/track/",
+         _form(data=_TRICKY_B64), {}),
+        ("form data= raw base64 with literal + (Node batch, PHP)", "POST", "/track",
+         "data=" + _TRICKY_B64, {"Content-Type": "application/x-www-form-urlencoded"}),
+        ("GET data= base64 in the query (Node single calls)", "GET",
+         "/track?ip=0&verbose=0&data=" + urllib.parse.quote(_TRICKY_B64, safe=""), None, {}),
+        ("GET data= JSON in the query", "GET",
+         "/track?data=" + urllib.parse.quote(json.dumps(_TRICKY)), None, {}),
+        ("raw JSON object body", "POST", "/track", json.dumps(_TRICKY),
+         {"Content-Type": "application/json"}),
+        ("raw JSON array body without content type", "POST", "/track", json.dumps([_TRICKY]), {}),
+        ("gzip JSON body (Go, Swift)", "POST", "/track",
+         gzip.compress(json.dumps([_TRICKY]).encode()),
+         {"Content-Type": "application/json", "Content-Encoding": "gzip"}),
+        ("sendBeacon text/plain form", "POST", "/track/?ip=1",
+         "data=" + urllib.parse.quote(_TRICKY_B64, safe=""), {"Content-Type": "text/plain;charset=UTF-8"}),
+        ("base64 without padding", "POST", "/track", _form(data=_TRICKY_B64.rstrip("=")), {}),
+        ("chunked transfer encoding", "POST", "/track", iter([b"data=", _TRICKY_B64.encode()]), {}),
+    ]
+
+    def test_every_encoding_lands_the_same_event(self):
+        for label, method, path, body, headers in self.CASES:
+            with self.subTest(label):
+                MP.reset()
+                status, _, answer = _http(method, path, body, headers)
+                self.assertEqual(status, 200)
+                self.assertIn(answer, (b"1", b'{"status":1,"error":null}'))
+                self.assertEqual(self.stored(), [{"event": "Tricky", "properties": dict(
+                    _TRICKY["properties"], time=T0, **self.server_props())}])
+
+    def test_ndjson_import(self):
+        lines = "\n".join(json.dumps(_event(str(i), time=T0 - i, distinct_id="d")) for i in range(3))
+        status, body = _json("POST", "/import", lines + "\n", {"Content-Type": "application/x-ndjson"})
+        self.assertEqual((status, body), (200, {"code": 200, "num_records_imported": 3, "status": "OK"}))
+        self.assertEqual([e["event"] for e in self.stored()], ["0", "1", "2"])
+
+    def test_gzip_ndjson_import(self):
+        lines = "\n".join(json.dumps(_event(str(i), time=T0, distinct_id="d")) for i in range(2))
+        status, body = _json("POST", "/import", gzip.compress(lines.encode()),
+                             {"Content-Type": "application/x-ndjson", "Content-Encoding": "gzip"})
+        self.assertEqual(body["num_records_imported"], 2)
+
+    def test_params_in_query_or_form(self):
+        for label, path, body in [("verbose in query", "/track?verbose=1", _form(data=_TRICKY_B64)),
+                                  ("verbose in form", "/track", _form(data=_TRICKY_B64, verbose=1))]:
+            with self.subTest(label):
+                status, _, answer = _http("POST", path, body)
+                self.assertEqual(answer, b'{"status":1,"error":null}')
+
+    def test_unicode_kept_raw(self):
+        props = {"emoji": "😀", "cjk": "漢字", "rtl": "שלום"}
+        _http("POST", "/track", _form(data=json.dumps(_event(**props))))
+        stored = self.stored()[0]["properties"]
+        self.assertEqual({k: stored[k] for k in props}, props)
+        _, _, raw = _http("GET", "/__parlel/events")
+        self.assertIn("😀".encode("utf-8"), raw)
+
+    def test_json_types_kept_exactly(self):
+        props = {"int": 3, "float": 2.5, "big": 2 ** 53 + 1, "bool": False, "none": None,
+                 "list": [1, "a", None, {"x": [True]}], "obj": {"nested": {"deep": 1.0}},
+                 "zero_float": 0.0, "neg": -7}
+        _http("POST", "/track", json.dumps(_event(**props)))
+        stored = self.stored()[0]["properties"]
+        for key, value in props.items():
+            self.assertEqual(stored[key], value)
+            self.assertIs(type(stored[key]), type(value), key)
+        self.assertIs(type(stored["obj"]["nested"]["deep"]), float)
+
+
+# =============================================================================
+# Answers, exactly as clients parse them (ingestion-api.md §1.5, sdks.md §5.4)
+# =============================================================================
+
+
+class TestAnswers(_ServerTestCase):
+
+    def test_bare_1_is_plain_text_without_newline(self):
+        status, headers, body = _http("POST", "/track", _form(data=json.dumps(_event())))
+        self.assertEqual((status, body), (200, b"1"))
+        self.assertEqual(headers["content-type"], "text/plain")
+        self.assertEqual(headers["content-length"], "1")
+
+    def test_verbose_success_and_failure(self):
+        ok = _http("POST", "/track?verbose=1", _form(data=json.dumps(_event())))
+        self.assertEqual((ok[0], ok[1]["content-type"], json.loads(ok[2])),
+                         (200, "application/json", {"status": 1, "error": None}))
+        # A record without a token: Mixpanel's "token, missing or empty" (agileseason #530).
+        bad = _http("POST", "/track?verbose=1", _form(data=json.dumps({"event": "x"})))
+        self.assertEqual((bad[0], json.loads(bad[2])),
+                         (200, {"status": 0, "error": "token, missing or empty"}))
+
+    def test_failure_without_verbose_is_bare_0(self):
+        for label, body in [("no token", _form(data=json.dumps({"event": "x"}))),
+                            ("no data", _form(verbose=0)),
+                            ("not JSON", _form(data="{nope")),
+                            ("not base64", _form(data="%%%"))]:
+            with self.subTest(label):
+                self.assertEqual(_http("POST", "/track", body)[::2], (200, b"0"))
+
+    def test_payload_errors_explained_when_verbose(self):
+        cases = [
+            (_form(verbose=1), "data, missing or empty"),
+            (_form(verbose=1, data="[1, 2"), "data, invalid JSON: Expecting ',' delimiter: "
+                                              "line 1 column 6 (char 5)"),
+            (_form(verbose=1, data="@@@@"), "data, neither JSON nor base64-encoded JSON"),
+            (_form(verbose=1, data='"a string"'), "data, neither JSON nor base64-encoded JSON"),
+            (_form(verbose=1, data=base64.b64encode(b"42").decode()),
+             "data, must be a JSON object or an array of objects"),
+            (_form(verbose=1, data="[NaN]"), "data, invalid JSON: NaN is not valid JSON"),
+        ]
+        for body, error in cases:
+            with self.subTest(body):
+                self.assertEqual(_json("POST", "/track", body), (200, {"status": 0, "error": error}))
+
+    def test_any_record_landing_answers_1(self):
+        # OAS `Received`: 1 = one or more objects valid (ingestion-api.md §1.5).
+        body = json.dumps([_event("ok"), {"event": "no token"}])
+        self.assertEqual(_http("POST", "/track", body)[2], b"1")
+        self.assertEqual([e["event"] for e in self.stored()], ["ok"])
+        self.assertEqual(MP.rejected()[0]["reason"], "token, missing or empty")
+
+    def test_verbose_2_error_is_http_400(self):
+        # D-profiles' own sample uses verbose=2; RUD #5060 saw the 400.
+        status, body = _json("POST", "/engage?verbose=2", json.dumps({"$token": TOKEN, "$set": {"a": 1}}))
+        self.assertEqual((status, body), (400, {"status": 0,
+                                                "error": "Engage API error: $distinct_id, missing or empty"}))
+        ok = _json("POST", "/engage?verbose=2", json.dumps(
+            {"$token": TOKEN, "$distinct_id": "u", "$set": {"a": 1}}))
+        self.assertEqual(ok, (200, {"status": 1, "error": None}))
+
+    def test_img_answers_a_gif_pixel(self):
+        status, headers, body = _http("GET", "/track?img=1&data=" + _b64(_event()))
+        self.assertEqual((status, headers["content-type"], body[:6]), (200, "image/gif", b"GIF89a"))
+        self.assertEqual(len(self.stored()), 1)
+
+    def test_jsonp_callback(self):
+        path = "/track?callback=" + urllib.parse.quote('mixpanel._jsc["abc"]') + "&data=" + _b64(_event())
+        status, headers, body = _http("GET", path)
+        self.assertEqual((status, headers["content-type"], body),
+                         (200, "text/javascript", b'mixpanel._jsc["abc"](1)'))
+        status, _, body = _http("GET", "/track?verbose=1&callback=cb&data=" + _b64(_event()))
+        self.assertEqual(body, b'cb({"status":1,"error":null})')
+        status, _, body = _http("GET", "/track?callback=" + urllib.parse.quote("x</script>") + "&data=e30")
+        self.assertEqual(status, 400)
+
+    def test_import_json_dialect(self):
+        batch = [_event(str(i), time=T0 - i, distinct_id="d", **{"$insert_id": f"id{i}"}) for i in range(3)]
+        self.assertEqual(_json("POST", "/import", json.dumps(batch), {"Content-Type": "application/json"}),
+                         (200, {"code": 200, "num_records_imported": 3, "status": "OK"}))
+
+    def test_import_form_dialect_answers_like_track(self):
+        # The Python and Node SDKs post form data= to /import and need status == 1 / "1".
+        body = _form(data=json.dumps([_event(time=T0, distinct_id="d")]), verbose=1)
+        self.assertEqual(_json("POST", "/import", body), (200, {"status": 1, "error": None}))
+        self.assertEqual(_http("GET", "/import?verbose=0&data=" + _b64(_event(time=T0)))[2], b"1")
+
+    def test_import_strict_failure_shape(self):
+        batch = [_event("good", time=T0, distinct_id="d"), {"event": "", "properties": {"token": TOKEN}},
+                 _event("bad time", time="yesterday", **{"$insert_id": "abc"})]
+        status, body = _json("POST", "/import?strict=1", json.dumps(batch))
+        self.assertEqual(status, 400)
+        self.assertEqual(body, {
+            "code": 400, "error": "some data points in the request failed validation",
+            "failed_records": [
+                {"index": 1, "insert_id": None, "field": "event",
+                 "message": "'event' must not be missing or blank"},
+                {"index": 2, "insert_id": "abc", "field": "properties.time",
+                 "message": "'properties.time' is invalid: must be specified as seconds since epoch"}],
+            "num_records_imported": 1, "status": "Bad Request"})
+        # The valid record was kept (R-import: valid rows are still ingested).
+        self.assertEqual([e["event"] for e in self.stored()], ["good"])
+
+    def test_import_json_payload_error_is_400(self):
+        status, body = _json("POST", "/import", "[{", {"Content-Type": "application/json"})
+        self.assertEqual((status, body["code"], body["status"]), (400, 400, "Bad Request"))
+
+
+# =============================================================================
+# Events as Mixpanel stores them
+# =============================================================================
+
+
+class TestEventStorage(_ServerTestCase):
+
+    def test_time_normalisation(self):
+        # ms by magnitude (sdks.md §5.3 step 6); JS/PY float seconds are kept.
+        cases = [(1794690000, 1794690000), (1794690000.25, 1794690000.25),
+                 (1794690000000, 1794690000), (1794690000250, 1794690000.25),
+                 (1794690000250.0, 1794690000.25), (0, 0)]
+        for sent, stored in cases:
+            with self.subTest(sent=sent):
+                MP.reset()
+                _http("POST", "/track", json.dumps(_event(time=sent)))
+                value = self.stored()[0]["properties"]["time"]
+                self.assertEqual(value, stored)
+                self.assertIs(type(value), type(stored))
+
+    def test_missing_time_is_the_project_clock(self):
+        MP.set_time(T0 + 0.5)
+        _http("POST", "/track", json.dumps(_event()))
+        self.assertEqual(self.stored()[0]["properties"]["time"], T0 + 0.5)
+
+    def test_server_added_properties(self):
+        _http("POST", "/track", json.dumps(_event(distinct_id="u")))
+        _http("POST", "/import", json.dumps(_event(distinct_id="u", time=T0)))
+        track, imported = self.stored()
+        self.assertEqual(track["properties"], dict(_event(distinct_id="u")["properties"], time=T0,
+                                                   **self.server_props("/track")))
+        self.assertEqual(imported["properties"], dict(_event(distinct_id="u")["properties"], time=T0,
+                                                      **self.server_props("/import")))
+
+    def test_invalid_time_is_refused_with_reason(self):
+        for bad in ("2026-01-01", None, True, [1]):
+            with self.subTest(bad=bad):
+                MP.reset()
+                self.assertEqual(_http("POST", "/track", json.dumps(_event(time=bad)))[2], b"0")
+                self.assertEqual(self.stored(), [])
+                (record,) = MP.rejected()
+                self.assertEqual((record["field"], record["endpoint"], record["project"], record["index"]),
+                                 ("properties.time", "/track", TOKEN, 0))
+
+    def test_token_from_basic_username_when_payload_has_none(self):
+        # The seed's clients send the token only as Basic username (README leniency).
+        body = json.dumps({"event": "e", "properties": {"distinct_id": "u"}})
+        self.assertEqual(_http("POST", "/track", body, _basic("tok_basic"))[2], b"1")
+        self.assertEqual([e["event"] for e in MP.events(project="tok_basic")], ["e"])
+        body = json.dumps({"$distinct_id": "u", "$set": {"a": 1}})
+        self.assertEqual(_http("POST", "/engage", body, _basic("tok_basic"))[2], b"1")
+        self.assertEqual(MP.profile("u", project="tok_basic")["a"], 1)
+
+    def test_refused_record_is_kept_with_reason(self):
+        _http("POST", "/track?verbose=1", json.dumps([_event("ok"), {"event": "x", "properties": {}}]))
+        (record,) = MP.rejected()
+        self.assertEqual({k: record[k] for k in ("project", "endpoint", "index", "field", "reason", "record")},
+                         {"project": None, "endpoint": "/track", "index": 1, "field": "properties.token",
+                          "reason": "token, missing or empty", "record": {"event": "x", "properties": {}}})
+        _, listing = _json("GET", "/__parlel/rejected")
+        self.assertEqual(listing["count"], 1)
+        self.assertEqual(listing["rejected"][0]["reason"], "token, missing or empty")
+
+    def test_arrival_order_and_no_dedup(self):
+        same = _event("dup", time=T0, distinct_id="u", **{"$insert_id": "same"})
+        _http("POST", "/track", json.dumps([same, _event("other"), same]))
+        self.assertEqual([e["event"] for e in self.stored()], ["dup", "other", "dup"])
+
+
+# =============================================================================
+# Profiles (ingestion-api.md §4.3) and groups (§5)
+# =============================================================================
+
+
+def _engage(*updates, token=TOKEN, path="/engage"):
+    return _http("POST", path, json.dumps([dict({"$token": token, "$distinct_id": "u"}, **u)
+                                           for u in updates]))
+
+
+class TestProfiles(_ServerTestCase):
+
+    # (label, existing properties or None, update, resulting properties or None)
+    OPERATORS = [
+        ("$set creates", None, {"$set": {"a": 1}}, {"a": 1}),
+        ("$set overwrites", {"a": 1, "b": 2}, {"$set": {"a": "x"}}, {"a": "x", "b": 2}),
+        ("$set_once keeps existing", {"a": 1}, {"$set_once": {"a": 2, "b": 3}}, {"a": 1, "b": 3}),
+        ("$set_once creates", None, {"$set_once": {"a": 2}}, {"a": 2}),
+        ("$add to missing counts from 0", None, {"$add": {"n": 5}}, {"n": 5}),
+        ("$add adds and subtracts", {"n": 5, "m": 1.5}, {"$add": {"n": -2, "m": 1}}, {"n": 3, "m": 2.5}),
+        ("$add to a non-number is ignored", {"n": "five"}, {"$add": {"n": 1}}, {"n": "five"}),
+        ("$append to missing makes a list", None, {"$append": {"l": "a"}}, {"l": ["a"]}),
+        ("$append keeps duplicates", {"l": ["a"]}, {"$append": {"l": "a"}}, {"l": ["a", "a"]}),
+        ("$append to a non-list is ignored", {"l": "a"}, {"$append": {"l": "b"}}, {"l": "a"}),
+        ("$append a list appends it as one item", {"l": [1]}, {"$append": {"l": [2, 3]}}, {"l": [1, [2, 3]]}),
+        ("$union to missing", None, {"$union": {"l": ["a", "a", "b"]}}, {"l": ["a", "b"]}),
+        ("$union merges without duplicates", {"l": ["a", 1]}, {"$union": {"l": ["b", "a", 1]}},
+         {"l": ["a", 1, "b"]}),
+        ("$union keeps true apart from 1", {"l": [1]}, {"$union": {"l": [True, 1.0]}}, {"l": [1, True]}),
+        ("$union to a non-list is ignored", {"l": 3}, {"$union": {"l": ["a"]}}, {"l": 3}),
+        ("$remove removes every occurrence", {"l": ["a", "b", "a"]}, {"$remove": {"l": "a"}}, {"l": ["b"]}),
+        ("$remove of an absent value", {"l": ["a"]}, {"$remove": {"l": "z"}}, {"l": ["a"]}),
+        ("$remove from a non-list is ignored", {"l": "a"}, {"$remove": {"l": "a"}}, {"l": "a"}),
+        ("$remove does not create", None, {"$remove": {"l": "a"}}, None),
+        ("$unset removes names", {"a": 1, "b": 2}, {"$unset": ["a", "zz"]}, {"b": 2}),
+        ("$unset does not create", None, {"$unset": ["a"]}, None),
+        ("$delete removes the profile", {"a": 1}, {"$delete": ""}, None),
+        ("$delete with null", {"a": 1}, {"$delete": None}, None),
+        ("$delete of a missing profile", None, {"$delete": ""}, None),
+    ]
+
+    def test_operators(self):
+        for label, before, update, after in self.OPERATORS:
+            with self.subTest(label):
+                MP.reset()
+                if before is not None:
+                    _engage({"$set": before, "$ignore_time": True})
+                status, _, body = _engage(dict(update, **{"$ignore_time": True}))
+                self.assertEqual((status, body), (200, b"1"))
+                self.assertEqual(MP.profile("u"), after)
+
+    def test_operators_apply_in_batch_order(self):
+        _engage({"$set": {"n": 1}}, {"$add": {"n": 2}}, {"$delete": ""}, {"$set_once": {"n": 10}},
+                {"$add": {"n": 1}}, {"$ignore_time": True, "$unset": []})
+        self.assertEqual(MP.profile("u")["n"], 11)
+
+    def test_several_operators_in_one_update_apply_in_key_order(self):
+        _engage({"$set": {"a": 1}, "$add": {"a": 2}, "$ignore_time": True})
+        self.assertEqual(MP.profile("u"), {"a": 3})
+
+    def test_last_seen(self):
+        # $last_seen is the update's $time (or arrival), ISO without zone (D-profiles).
+        _engage({"$set": {"a": 1}})
+        self.assertEqual(MP.profile("u")["$last_seen"], "2026-11-14T22:13:20")
+        _engage({"$set": {"a": 2}, "$time": (T0 + 3600) * 1000})
+        self.assertEqual(MP.profile("u")["$last_seen"], "2026-11-14T23:13:20")
+        _engage({"$set": {"a": 3}, "$time": T0 + 7200.75})
+        self.assertEqual(MP.profile("u")["$last_seen"], "2026-11-15T00:13:20")
+        _engage({"$set": {"a": 4}, "$ignore_time": True, "$time": T0})
+        self.assertEqual(MP.profile("u"), {"a": 4, "$last_seen": "2026-11-15T00:13:20"})
+
+    def test_track_charge_and_clear_charges(self):
+        charge = {"$amount": 9.99, "$time": "2026-11-14T22:13:20"}
+        _engage({"$append": {"$transactions": charge}}, {"$append": {"$transactions": {"$amount": 1}}})
+        self.assertEqual(MP.profile("u")["$transactions"], [charge, {"$amount": 1}])
+        _engage({"$unset": ["$transactions"]})
+        self.assertNotIn("$transactions", MP.profile("u"))
+
+    def test_malformed_updates_are_refused_with_reasons(self):
+        prefix = "Engage API error: "
+        cases = [
+            ({"$token": TOKEN, "$set": {"a": 1}}, "$distinct_id", "$distinct_id, missing or empty"),
+            ({"$token": TOKEN, "$distinct_id": "", "$set": {"a": 1}}, "$distinct_id",
+             "$distinct_id, missing or empty"),
+            ({"$distinct_id": "u", "$set": {"a": 1}}, "$token", "$token, missing or empty"),
+            ({"$token": TOKEN, "$distinct_id": "u"}, None,
+             "no operation: expected one of $set, $set_once, $add, $append, $union, $remove, $unset, $delete"),
+            ({"$token": TOKEN, "$distinct_id": "u", "$set": [1]}, "$set", "$set must be an object of properties"),
+            ({"$token": TOKEN, "$distinct_id": "u", "$add": {"n": "1"}}, "$add.n",
+             "$add value for 'n' must be a number"),
+            ({"$token": TOKEN, "$distinct_id": "u", "$add": {"n": True}}, "$add.n",
+             "$add value for 'n' must be a number"),
+            ({"$token": TOKEN, "$distinct_id": "u", "$union": {"l": "a"}}, "$union.l",
+             "$union value for 'l' must be a list"),
+            ({"$token": TOKEN, "$distinct_id": "u", "$unset": "a"}, "$unset",
+             "$unset must be a list of property names"),
+            ({"$token": TOKEN, "$distinct_id": {"id": 1}, "$set": {"a": 1}}, "$distinct_id",
+             "$distinct_id, missing or empty"),
+        ]
+        for update, field, message in cases:
+            with self.subTest(update):
+                MP.reset()
+                self.assertEqual(_json("POST", "/engage?verbose=1", json.dumps(update)),
+                                 (200, {"status": 0, "error": prefix + message}))
+                (record,) = MP.rejected()
+                self.assertEqual((record["field"], record["reason"], record["endpoint"]),
+                                 (field, prefix + message, "/engage"))
+                self.assertEqual(MP.profiles(), {})
+
+    def test_numeric_distinct_id_is_keyed_as_text(self):
+        _http("POST", "/engage", json.dumps({"$token": TOKEN, "$distinct_id": 42, "$set": {"a": 1},
+                                             "$ignore_time": True}))
+        self.assertEqual(MP.profiles(), {"42": {"a": 1}})
+        self.assertEqual(MP.profile(42), {"a": 1})
+
+
+class TestGroups(_ServerTestCase):
+
+    def update(self, **ops):
+        return _json("POST", "/groups?verbose=1", json.dumps(
+            dict({"$token": TOKEN, "$group_key": "company", "$group_id": "acme"}, **ops)))
+
+    def test_supported_operators(self):
+        self.update(**{"$set": {"name": "Acme", "tags": ["a"]}})
+        self.update(**{"$set_once": {"name": "Other", "founded": 1999}})
+        self.update(**{"$union": {"tags": ["b", "a"]}})
+        self.update(**{"$remove": {"tags": "a"}})
+        self.update(**{"$unset": ["founded"]})
+        self.assertEqual(MP.groups(), {("company", "acme"): {"name": "Acme", "tags": ["b"]}})
+        self.update(**{"$delete": ""})
+        self.assertEqual(MP.groups(), {})
+
+    def test_add_and_append_are_refused(self):
+        # D-profiles: $add and $append are not supported for group profiles.
+        for op, value in (("$add", {"n": 1}), ("$append", {"l": 1})):
+            with self.subTest(op):
+                self.assertEqual(self.update(**{op: value}), (200, {
+                    "status": 0, "error": f"Groups API error: {op} is not supported for group profiles"}))
+        self.assertEqual(MP.groups(), {})
+
+    def test_missing_keys(self):
+        for body, message in [({"$token": TOKEN, "$group_id": "a", "$set": {}}, "$group_key, missing or empty"),
+                              ({"$token": TOKEN, "$group_key": "k", "$set": {}}, "$group_id, missing or empty")]:
+            with self.subTest(message):
+                self.assertEqual(_json("POST", "/groups?verbose=1", json.dumps(body)),
+                                 (200, {"status": 0, "error": "Groups API error: " + message}))
+
+    def test_numeric_group_id(self):
+        _http("POST", "/groups", json.dumps({"$token": TOKEN, "$group_key": "org", "$group_id": 7,
+                                             "$set": {"a": 1}}))
+        self.assertEqual(MP.groups(), {("org", "7"): {"a": 1}})
+
+
+# =============================================================================
+# Projects and credentials (README: "Credentials")
+# =============================================================================
+
+
+class TestProjects(_ServerTestCase):
+
+    def test_each_record_token_picks_its_project(self):
+        _http("POST", "/track", json.dumps([_event("a", token="t1"), _event("b", token="t2"),
+                                            _event("c", token="t1")]))
+        self.assertEqual([e["event"] for e in MP.events(project="t1")], ["a", "c"])
+        self.assertEqual([e["event"] for e in MP.events(project="t2")], ["b"])
+        self.assertEqual([e["event"] for e in MP.events()], ["a", "b", "c"])
+
+    def test_record_token_wins_over_credentials(self):
+        _http("POST", "/import", json.dumps([_event(token="t1", time=T0)]), _basic("t2"))
+        self.assertEqual(len(MP.events(project="t1")), 1)
+
+    def test_unknown_token_creates_a_project_with_a_stable_id(self):
+        _http("POST", "/track", json.dumps(_event(token="brand_new")))
+        _, body = _json("GET", "/__parlel/projects")
+        (project,) = [p for p in body["projects"] if p["token"] == "brand_new"]
+        self.assertEqual(project["project_id"], Project("brand_new").project_id)
+        self.assertEqual(Project("brand_new").project_id, mixpanel_fake._derive_project_id("brand_new"))
+        self.assertNotIn("api_secret", project)
+
+    def test_credentials_resolution_order(self):
+        with MixpanelFake(projects=[Project("tA", project_id=11, api_secret="sA",
+                                           service_accounts={"sa.user": "sa-secret"}),
+                                   Project("tB", project_id=22, api_secret="sB")]) as mp:
+            bare = json.dumps({"event": "e", "properties": {"time": T0, "distinct_id": "d"}})
+            cases = [("Basic token:", "/import", _basic("tB"), "tB"),
+                     ("Basic secret:", "/import", _basic("sA"), "tA"),
+                     ("service account + project_id", "/import?project_id=11",
+                      _basic("sa.user", "sa-secret"), "tA"),
+                     ("plain-text Basic (Mixpanel takes it too)", "/import",
+                      {"Authorization": "Basic sB:"}, "tB")]
+            for label, path, headers, token in cases:
+                with self.subTest(label):
+                    mp.reset()
+                    status, _, body = _http("POST", path, bare, headers, port=mp.port)
+                    self.assertEqual(json.loads(body)["num_records_imported"], 1)
+                    self.assertEqual(len(mp.events(project=token)), 1)
+            # A wrong service-account secret names no project: nothing lands.
+            mp.reset()
+            status, _, body = _http("POST", "/import?project_id=11", bare,
+                                    _basic("sa.user", "wrong"), port=mp.port)
+            self.assertEqual(json.loads(body)["failed_records"][0]["message"], "token, missing or empty")
+            self.assertEqual(mp.events(), [])
+
+    def test_repr_hides_secrets(self):
+        text = repr(Project("t", api_secret="very-secret", service_accounts={"u": "s3cr3t"}))
+        self.assertNotIn("very-secret", text)
+        self.assertNotIn("s3cr3t", text)
+
+
+# =============================================================================
+# Routing and HTTP
+# =============================================================================
+
+
+class TestRouting(_ServerTestCase):
+
+    def test_trailing_slash_and_double_slash(self):
+        for path in ("/track/", "//track", "/track//"):
+            with self.subTest(path):
+                self.assertEqual(_http("POST", path, json.dumps(_event()))[2], b"1")
+
+    def test_unknown_path_is_json_404_naming_known_paths(self):
+        status, body = _json("GET", "/nope?x=1")
+        self.assertEqual(status, 404)
+        self.assertEqual(body["error"], "no such endpoint: GET /nope")
+        self.assertIn("/track", body["known_paths"])
+
+    def test_wrong_method_is_405_with_allow(self):
+        for method in ("PUT", "DELETE", "PATCH", "BREW"):
+            with self.subTest(method):
+                status, headers, body = _http(method, "/track")
+                self.assertEqual(status, 405)
+                self.assertEqual(headers["allow"], "GET, HEAD, OPTIONS, POST")
+                self.assertEqual(json.loads(body)["allowed"], ["GET", "HEAD", "OPTIONS", "POST"])
+
+    def test_head_has_length_but_no_body(self):
+        status, headers, body = _http("HEAD", "/health")
+        self.assertEqual((status, body, headers["content-length"]), (200, b"", "15"))
+
+    def test_cors_on_every_response_with_origin(self):
+        origin = {"Origin": "http://localhost:5173"}
+        for method, path in (("POST", "/track"), ("GET", "/nope"), ("GET", "/health")):
+            with self.subTest(path):
+                _, headers, _ = _http(method, path, json.dumps(_event()) if method == "POST" else None, origin)
+                self.assertEqual(headers["access-control-allow-origin"], "http://localhost:5173")
+                self.assertEqual(headers["access-control-allow-credentials"], "true")
+                self.assertEqual(headers["vary"], "Origin")
+                self.assertEqual(headers["access-control-expose-headers"], "Retry-After")
+        _, headers, _ = _http("GET", "/health")
+        self.assertNotIn("access-control-allow-origin", headers)
+
+    def test_preflight_echoes_method_and_headers(self):
+        status, headers, body = _http("OPTIONS", "/flags/", headers={
+            "Origin": "http://app.test", "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "authorization, traceparent",
+            "Access-Control-Request-Private-Network": "true"})
+        self.assertEqual((status, body), (204, b""))
+        self.assertEqual(headers["access-control-allow-origin"], "http://app.test")
+        self.assertEqual(headers["access-control-allow-methods"], "GET")
+        self.assertEqual(headers["access-control-allow-headers"], "authorization, traceparent")
+        self.assertEqual(headers["access-control-allow-credentials"], "true")
+        self.assertEqual(headers["access-control-allow-private-network"], "true")
+
+
+class TestTransport(_ServerTestCase):
+
+    def test_keep_alive_serves_many_requests_on_one_connection(self):
+        conn = http.client.HTTPConnection("127.0.0.1", MP.port, timeout=5)
+        self.addCleanup(conn.close)
+        for i in range(20):
+            conn.request("POST", "/track", body=json.dumps(_event(str(i))))
+            resp = conn.getresponse()
+            self.assertEqual((resp.status, resp.read(), resp.getheader("Content-Length")), (200, b"1", "1"))
+        self.assertEqual(len(self.stored()), 20)
+
+    def test_keep_alive_is_fast(self):
+        # Nagle off: 50 keep-alive round trips must not cost 50 x 40 ms.
+        conn = http.client.HTTPConnection("127.0.0.1", MP.port, timeout=5)
+        self.addCleanup(conn.close)
+        started = time.monotonic()
+        for _ in range(50):
+            conn.request("POST", "/track", body=json.dumps(_event()))
+            conn.getresponse().read()
+        self.assertLess(time.monotonic() - started, 1.5)
+
+    def test_request_line_of_1_5_mb_is_accepted(self):
+        # The Node SDK GETs /track?data=<base64 of the whole event>.
+        big = _event(blob="x" * 1_200_000)
+        path = "/track?data=" + urllib.parse.quote(_b64(big), safe="")
+        self.assertGreater(len(path), 1_500_000)
+        self.assertEqual(_http("GET", path)[::2], (200, b"1"))
+        self.assertEqual(len(self.stored()[0]["properties"]["blob"]), 1_200_000)
+
+    def test_request_line_over_the_cap_is_414(self):
+        status, _, body = _http("GET", "/track?data=" + "a" * (mixpanel_fake._MAX_REQUEST_LINE + 10))
+        self.assertEqual(status, 414)
+        self.assertEqual(json.loads(body)["code"], 414)
+
+    def test_body_over_the_cap_is_413_without_reading_it(self):
+        sock = socket.create_connection(("127.0.0.1", MP.port), timeout=5)
+        self.addCleanup(sock.close)
+        sock.sendall(b"POST /import HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\n")
+        reply = sock.recv(65536)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 413 "), reply)
+        self.assertIn(b'"error":"request exceeds max limit of', reply)
+
+    def test_gzip_bomb_is_refused(self):
+        bomb = gzip.compress(b"[" + b" " * (mixpanel_fake._MAX_BODY_BYTES + 1) + b"]")
+        status, _, body = _http("POST", "/import", bomb, {"Content-Encoding": "gzip"})
+        self.assertEqual(status, 413)
+
+    def test_bad_gzip_is_400(self):
+        status, _, body = _http("POST", "/track", b"not gzip", {"Content-Encoding": "gzip"})
+        self.assertEqual((status, json.loads(body)["code"]), (400, 400))
+
+    def test_malformed_request_line_gets_json(self):
+        sock = socket.create_connection(("127.0.0.1", MP.port), timeout=5)
+        self.addCleanup(sock.close)
+        sock.sendall(b"GARBAGE\r\n\r\n")
+        reply = sock.recv(65536)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 400 "), reply)
+        self.assertIn(b"application/json", reply)
+
+    def test_concurrent_posts_all_land_once(self):
+        def post(worker):
+            conn = http.client.HTTPConnection("127.0.0.1", MP.port, timeout=10)
+            for i in range(25):
+                conn.request("POST", "/track", body=json.dumps(_event(f"{worker}-{i}")))
+                conn.getresponse().read()
+            conn.close()
+        threads = [threading.Thread(target=post, args=(w,)) for w in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        names = sorted(e["event"] for e in self.stored())
+        self.assertEqual(names, sorted(f"{w}-{i}" for w in range(8) for i in range(25)))
+        _, body = _json("GET", "/__parlel/events")
+        ids = [row["id"] for row in body["events"]]
+        self.assertEqual(len(set(ids)), 200)
+
+
+# =============================================================================
+# Lifecycle and the Python API
+# =============================================================================
+
+
+class TestLifecycle(unittest.TestCase):
+
+    def test_port_known_before_start_and_stop_idempotent(self):
+        fake = MixpanelFake()
+        self.assertGreater(fake.port, 0)
+        self.assertEqual(fake.url, f"http://127.0.0.1:{fake.port}")
+        fake.start()
+        self.assertEqual(_http("GET", "/health", port=fake.port)[0], 200)
+        with self.assertRaises(RuntimeError):
+            fake.start()
+        fake.stop()
+        fake.stop()
+        with self.assertRaises(OSError):
+            _http("GET", "/health", port=fake.port, timeout=1)
+        with self.assertRaises(RuntimeError):
+            fake.start()
+
+    def test_stop_closes_idle_keep_alive_connections_fast(self):
+        fake = MixpanelFake().start()
+        sock = socket.create_connection(("127.0.0.1", fake.port), timeout=5)
+        self.addCleanup(sock.close)
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertIn(b"200 OK", sock.recv(4096))
+        started = time.monotonic()
+        fake.stop()
+        self.assertLess(time.monotonic() - started, 0.5)
+        self.assertEqual(sock.recv(4096), b"")  # the server closed the idle connection
+
+    def test_bind_error_raises_in_the_caller(self):
+        with MixpanelFake() as fake:
+            with self.assertRaises(OSError):
+                MixpanelFake(port=fake.port)
+
+    def test_clock_callable_drives_time(self):
+        now = [T0 + 100.0]
+        with MixpanelFake(clock=lambda: now[0]) as fake:
+            _http("POST", "/track", json.dumps(_event()), port=fake.port)
+            now[0] += 10
+            _http("POST", "/track", json.dumps(_event()), port=fake.port)
+            fake.set_time(T0)
+            _http("POST", "/track", json.dumps(_event()), port=fake.port)
+            fake.set_time(None)
+            _http("POST", "/track", json.dumps(_event()), port=fake.port)
+            times = [e["properties"]["time"] for e in fake.events()]
+        self.assertEqual(times, [T0 + 100, T0 + 110, T0, T0 + 110])
+
+    def test_ipv6_loopback(self):
+        if not socket.has_ipv6:
+            self.skipTest("no IPv6")
+        try:
+            fake = MixpanelFake(host="::1")
+        except OSError:
+            self.skipTest("::1 not available")
+        with fake:
+            self.assertEqual(fake.url, f"http://[::1]:{fake.port}")
+            conn = http.client.HTTPConnection("::1", fake.port, timeout=5)
+            conn.request("GET", "/health")
+            self.assertEqual(conn.getresponse().status, 200)
+            conn.close()
+
+
+class TestPythonApi(_ServerTestCase):
+
+    def test_events_filters(self):
+        _http("POST", "/track", json.dumps([
+            _event("A", distinct_id="u1", plan="pro", **{"$browser": "Chrome"}),
+            _event("B", distinct_id="u1"), _event("A", distinct_id="u2", plan="free"),
+            _event("A", token="other", distinct_id="u1")]))
+        self.assertEqual(len(MP.events()), 4)
+        self.assertEqual(len(MP.events(name="A")), 3)
+        self.assertEqual(len(MP.events(distinct_id="u1")), 3)
+        self.assertEqual(len(MP.events(project="other")), 1)
+        found = MP.events(properties={"$browser": "Chrome"})
+        self.assertEqual([(e["event"], e["properties"]["distinct_id"]) for e in found], [("A", "u1")])
+        self.assertEqual(MP.events(name="A", properties={"plan": "free"})[0]["properties"]["distinct_id"], "u2")
+
+    def test_events_returns_copies(self):
+        _http("POST", "/track", json.dumps(_event()))
+        MP.events()[0]["properties"]["token"] = "mutated"
+        self.assertEqual(MP.events()[0]["properties"]["token"], TOKEN)
+
+    def test_urls(self):
+        self.assertEqual(MP.urls, {"events_url": MP.url + "/track", "people_url": MP.url + "/engage",
+                                   "groups_url": MP.url + "/groups", "import_url": MP.url + "/import"})
+
+    def test_wait_for_events_returns_when_they_arrive(self):
+        timer = threading.Timer(0.1, _http, ("POST", "/track", json.dumps([_event("late"), _event("late")])))
+        timer.start()
+        self.addCleanup(timer.cancel)
+        found = MP.wait_for_events(2, timeout=5, name="late")
+        self.assertEqual([e["event"] for e in found], ["late", "late"])
+
+    def test_wait_for_events_timeout_says_what_arrived(self):
+        _http("POST", "/track", json.dumps([_event("Signed Up", distinct_id="u9"), {"event": "Lost"}]))
+        started = time.monotonic()
+        with self.assertRaises(WaitTimeout) as caught:
+            MP.wait_for_events(1, timeout=0.2, name="Signed In")
+        self.assertLess(time.monotonic() - started, 2)
+        self.assertIsInstance(caught.exception, AssertionError)
+        message = str(caught.exception)
+        self.assertIn("waited 0.2s for 1 event(s) matching {'name': 'Signed In'}; 0 matched, 1 arrived in all",
+                      message)
+        self.assertIn("arrived: 'Signed Up' distinct_id='u9'", message)
+        self.assertIn("rejected on /track (index 1): token, missing or empty", message)
+
+    def test_check_reraises_server_errors(self):
+        MP.store.record_error(ValueError("boom"))
+        with self.assertRaises(ValueError):
+            MP.check()
+        MP.check()  # cleared
+
+
+class TestCli(unittest.TestCase):
+
+    def run_cli(self, *args, env=None):
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "mixpanel_fake.py"), *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=dict(os.environ, **(env or {})))
+        self.addCleanup(proc.wait, 5)
+        self.addCleanup(proc.kill)
+        line = proc.stdout.readline()
+        return proc, line
+
+    def test_port_zero_prints_the_real_url_and_serves(self):
+        proc, line = self.run_cli("--port", "0")
+        self.assertRegex(line, r"^mixpanel_fake listening on http://127\.0\.0\.1:\d+\n$")
+        port = int(line.rsplit(":", 1)[1])
+        self.assertEqual(_http("GET", "/health", port=port)[::2], (200, b'{"status":"ok"}'))
+
+    def test_env_token_and_secret_precreate_a_project(self):
+        proc, line = self.run_cli("--port", "0", env={"MIXPANEL_TOKEN": "envtok",
+                                                      "MIXPANEL_API_SECRET": "envsecret"})
+        port = int(line.rsplit(":", 1)[1])
+        status, _, body = _http("GET", "/__parlel/projects", port=port)
+        projects = json.loads(body)["projects"]
+        self.assertEqual([p["token"] for p in projects], ["envtok"])
+        self.assertNotIn(b"envsecret", body)
+        # The secret authenticates an import into that project.
+        _http("POST", "/import", json.dumps({"event": "e", "properties": {"time": T0}}),
+              _basic("envsecret"), port=port)
+        _, _, body = _http("GET", "/__parlel/events?project=envtok", port=port)
+        self.assertEqual(json.loads(body)["count"], 1)
+
+    def test_bad_arguments(self):
+        result = subprocess.run([sys.executable, os.path.join(HERE, "mixpanel_fake.py"), "--api-secret", "s"],
+                                capture_output=True, text=True, timeout=30,
+                                env={k: v for k, v in os.environ.items() if k != "MIXPANEL_TOKEN"})
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("--api-secret needs --token", result.stderr)
+
+    def test_main_returns_1_when_the_port_is_taken(self):
+        with MixpanelFake() as fake:
+            self.assertEqual(mixpanel_fake.main(["--port", str(fake.port)]), 1)
+
+
+class TestPublicApi(unittest.TestCase):
+
+    def test_all(self):
+        public = {name for name, value in vars(mixpanel_fake).items()
+                  if not name.startswith("_") and getattr(value, "__module__", None) == "mixpanel_fake"}
+        public.add("DEFAULT_PORT")
+        self.assertEqual(sorted(mixpanel_fake.__all__), sorted(public))
+
+
+# =============================================================================
+# The real SDKs, pinned (conformance/), over real sockets
+# =============================================================================
+
+
+class TestPythonSdk(_ServerTestCase):
+    """mixpanel==5.4.1, pointed at the fake with ``Consumer(**mp.urls)``."""
+
+    def setUp(self):
+        _require(mixpanel is not None, "the Python mixpanel SDK is not installed", self)
+        super().setUp()
+        MP.set_time(None)  # the SDK stamps real times; /track keeps them
+        self.client = mixpanel.Mixpanel(TOKEN, consumer=mixpanel.Consumer(retry_limit=0, **MP.urls))
+
+    def assertRecent(self, ts):
+        self.assertIsInstance(ts, float)
+        self.assertLess(abs(ts - time.time()), 60)
+
+    def test_track(self):
+        self.client.track("u1", "Signed Up", {"plan": "pro", "seats": 3, "tags": ["a", "b"], "ok": True})
+        (event,) = MP.events()
+        props = event["properties"]
+        self.assertEqual(event["event"], "Signed Up")
+        self.assertRegex(props.pop("$insert_id"), r"^[0-9a-f]{32}$")
+        self.assertRecent(props.pop("time"))
+        self.assertRecent(props.pop("$mp_api_timestamp_ms") / 1000)
+        props.pop("mp_processing_time_ms")
+        self.assertEqual(props, {"token": TOKEN, "distinct_id": "u1", "mp_lib": "python",
+                                 "$lib_version": "5.4.1", "plan": "pro", "seats": 3,
+                                 "tags": ["a", "b"], "ok": True, "$mp_api_endpoint": "127.0.0.1"})
+
+    def test_buffered_consumer_batches(self):
+        consumer = mixpanel.BufferedConsumer(max_size=50, retry_limit=0, **MP.urls)
+        client = mixpanel.Mixpanel(TOKEN, consumer=consumer)
+        for i in range(3):
+            client.track(f"u{i}", "Batched", {"i": i, "s": "~~~>>>???"})
+        client.people_set("u0", {"a": 1})
+        self.assertEqual(MP.events(), [])
+        consumer.flush()
+        self.assertEqual([e["properties"]["i"] for e in MP.events(name="Batched")], [0, 1, 2])
+        self.assertEqual(MP.profile("u0")["a"], 1)
+
+    def test_import_data_with_api_secret(self):
+        self.client.import_data(None, "u1", "Old Event", 1_700_000_000, {"k": "v"}, api_secret="sec")
+        (event,) = MP.events(project=TOKEN)
+        self.assertEqual((event["event"], event["properties"]["time"], event["properties"]["k"],
+                          event["properties"]["$import"]), ("Old Event", 1_700_000_000, "v", True))
+
+    def test_import_with_service_account(self):
+        project = Project("sa_tok", project_id=4242, service_accounts={"svc.user": "svc-secret"})
+        with MixpanelFake(projects=[project]) as fake:
+            creds = mixpanel.ServiceAccountCredentials("svc.user", "svc-secret", "4242")
+            consumer = mixpanel.Consumer(retry_limit=0, credentials=creds, **fake.urls)
+            client = mixpanel.Mixpanel("sa_tok", consumer=consumer)
+            client.import_data(None, "u1", "Imported", 1_700_000_000, {})
+            self.assertEqual([e["event"] for e in fake.events(project="sa_tok")], ["Imported"])
+
+    def test_merge(self):
+        self.client.merge(None, "anon-1", "user-1", api_secret="sec")
+        (event,) = MP.events(name="$merge")
+        self.assertEqual(event["properties"]["$distinct_ids"], ["anon-1", "user-1"])
+        self.assertEqual(event["properties"]["token"], TOKEN)
+
+    def test_every_people_operator(self):
+        c = self.client
+        c.people_set("u", {"name": "Ada", "plan": "free"})
+        c.people_set_once("u", {"name": "Bob", "first_seen": "2026-01-01"})
+        c.people_increment("u", {"logins": 2})
+        c.people_increment("u", {"logins": 1})
+        c.people_append("u", {"pages": "home"})
+        c.people_union("u", {"tags": ["a", "b"]})
+        c.people_union("u", {"tags": ["b", "c"]})
+        c.people_remove("u", {"tags": "a"})
+        c.people_unset("u", ["plan"])
+        c.people_track_charge("u", 9.5, {"sku": "x"})
+        profile = MP.profile("u")
+        self.assertRegex(profile.pop("$last_seen"), r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d$")
+        self.assertEqual(profile, {"name": "Ada", "first_seen": "2026-01-01", "logins": 3,
+                                   "pages": ["home"], "tags": ["b", "c"],
+                                   "$transactions": [{"sku": "x", "$amount": 9.5}]})
+        c.people_clear_charges("u")
+        self.assertNotIn("$transactions", MP.profile("u"))
+        c.people_delete("u")
+        self.assertIsNone(MP.profile("u"))
+
+    def test_every_group_operator(self):
+        c = self.client
+        c.group_set("company", "acme", {"name": "Acme", "tier": 1})
+        c.group_set_once("company", "acme", {"name": "Other", "since": 2020})
+        c.group_union("company", "acme", {"tags": ["x", "y"]})
+        c.group_remove("company", "acme", {"tags": "x"})
+        c.group_unset("company", "acme", ["tier"])
+        self.assertEqual(MP.groups(), {("company", "acme"): {"name": "Acme", "since": 2020, "tags": ["y"]}})
+        c.group_delete("company", "acme")
+        self.assertEqual(MP.groups(), {})
+
+    def test_refusal_reaches_the_sdk_as_an_exception(self):
+        with self.assertRaises(mixpanel.MixpanelException) as caught:
+            self.client.people_set("", {"a": 1})
+        self.assertIn("Engage API error: $distinct_id, missing or empty", str(caught.exception))
+
+
+def _node_available() -> bool:
+    return shutil.which("node") is not None and os.path.isdir(NODE_SDK)
+
+
+class TestNodeSdk(_ServerTestCase):
+    """mixpanel@0.24.0 through conformance/node_sdk.js; time pinned at T0."""
+
+    def setUp(self):
+        _require(_node_available(), "node or conformance/node_modules/mixpanel is missing "
+                                    "(npm ci --prefix conformance)", self)
+        super().setUp()
+
+    def node(self, calls, config=None):
+        env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy")}
+        request = {"url": MP.url, "token": TOKEN, "config": config or {}, "calls": calls}
+        proc = subprocess.run(["node", NODE_DRIVER], input=json.dumps(request), capture_output=True,
+                              text=True, timeout=60, env=env)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        results = json.loads(proc.stdout)["results"]
+        self.assertEqual([r["error"] for r in results], [None] * len(calls), results)
+        return results
+
+    def test_track_lands_as_sent(self):
+        self.node([["track", "Clicked", {"distinct_id": "u1", "button": "buy", "n": 1.5}]])
+        self.assertEqual(MP.events(), [{"event": "Clicked", "properties": dict(
+            {"distinct_id": "u1", "button": "buy", "n": 1.5, "token": TOKEN, "mp_lib": "node",
+             "$lib_version": "0.24.0", "time": T0}, **self.server_props())}])
+
+    def test_track_verbose(self):
+        self.node([["track", "Verbose", {"distinct_id": "u1"}]], config={"verbose": True})
+        self.assertEqual(len(MP.events(name="Verbose")), 1)
+
+    def test_track_batch_with_raw_base64(self):
+        events = [{"event": f"B{i}", "properties": {"distinct_id": "u", "s": "~~~>>>???", "i": i,
+                                                    "time": {"$date": (T0 - i) * 1000}}} for i in range(60)]
+        self.node([["track_batch", events]])
+        stored = MP.events()
+        self.assertEqual(sorted(e["properties"]["i"] for e in stored), list(range(60)))
+        self.assertEqual({e["properties"]["s"] for e in stored}, {"~~~>>>???"})
+        self.assertEqual({e["properties"]["time"] for e in stored[:1]} <= {T0 - i for i in range(60)}, True)
+        for e in stored:
+            self.assertEqual(e["properties"]["time"], T0 - e["properties"]["i"])
+
+    def test_import_and_import_batch_with_key(self):
+        self.node([["import", "Old", {"$date": 1_700_000_000_000}, {"distinct_id": "u"}],
+                   ["import_batch", [{"event": "OldB", "properties": {"distinct_id": "u",
+                                                                      "time": 1_700_000_001}}]]],
+                  config={"key": "legacy-key"})
+        old, batch = MP.events()
+        self.assertEqual((old["event"], old["properties"]["time"], old["properties"]["$import"]),
+                         ("Old", 1_700_000_000, True))
+        self.assertEqual((batch["event"], batch["properties"]["time"]), ("OldB", 1_700_000_001))
+
+    def test_alias(self):
+        self.node([["alias", "anon-1", "user@example.com"]])
+        (event,) = MP.events()
+        self.assertEqual((event["event"], event["properties"]["distinct_id"], event["properties"]["alias"]),
+                         ("$create_alias", "anon-1", "user@example.com"))
+
+    def test_every_people_operator(self):
+        self.node([
+            ["people.set", "u", {"name": "Ada", "plan": "free"}],
+            ["people.set_once", "u", "name", "Bob"],
+            ["people.set_once", "u", "first", "yes"],
+            ["people.increment", "u", "logins", 2],
+            ["people.increment", "u", {"logins": 3, "score": -1}],
+            ["people.append", "u", "pages", "home"],
+            ["people.union", "u", {"tags": ["a", "b"]}],
+            ["people.union", "u", {"tags": "c"}],
+            ["people.remove", "u", {"tags": "a"}],
+            ["people.unset", "u", "plan"],
+            ["people.track_charge", "u", 12.5, {"$time": {"$date": T0 * 1000}, "sku": "x"}],
+        ])
+        self.assertEqual(MP.profile("u"), {
+            "name": "Ada", "first": "yes", "logins": 5, "score": -1, "pages": ["home"],
+            "tags": ["b", "c"], "$last_seen": "2026-11-14T22:13:20",
+            "$transactions": [{"$time": "2026-11-14T22:13:20.000Z", "sku": "x", "$amount": 12.5}]})
+        self.node([["people.clear_charges", "u"]])
+        self.assertEqual(MP.profile("u")["$transactions"], [])
+        self.node([["people.delete_user", "u"]])
+        self.assertIsNone(MP.profile("u"))
+
+    def test_people_modifiers(self):
+        self.node([["people.set", "u", {"a": 1}, {"$time": {"$date": (T0 - 86400) * 1000}}],
+                   ["people.set", "v", {"a": 1}, {"$ignore_time": True}]])
+        self.assertEqual(MP.profile("u")["$last_seen"], "2026-11-13T22:13:20")
+        self.assertEqual(MP.profile("v"), {"a": 1})
+
+    def test_every_group_operator(self):
+        self.node([
+            ["groups.set", "company", "acme", {"name": "Acme", "tier": 1}],
+            ["groups.set_once", "company", "acme", {"name": "X", "since": 2020}],
+            ["groups.union", "company", "acme", {"tags": ["x", "y"]}],
+            ["groups.remove", "company", "acme", {"tags": "x"}],
+            ["groups.unset", "company", "acme", "tier"],
+        ])
+        self.assertEqual(MP.groups(), {("company", "acme"): {"name": "Acme", "since": 2020, "tags": ["y"]}})
+        self.node([["groups.delete_group", "company", "acme"]])
+        self.assertEqual(MP.groups(), {})
+
+
+# =============================================================================
+# Runner: unittest, then the one line CI reads
+# =============================================================================
+
+
+def _run(argv: list[str] | None = None) -> int:
+    program = unittest.main(module=__name__, argv=[sys.argv[0]] + (argv or []),
+                            exit=False, verbosity=2)
+    result = program.result
+    broken = {id(test) for test, _ in result.failures + result.errors}
+    failed = len(broken) + len(result.unexpectedSuccesses)
+    skipped = len(result.skipped)
+    passed = result.testsRun - len(broken) - len(result.unexpectedSuccesses) - skipped
+    if result.testsRun == 0:
+        failed = max(failed, 1)
+    sys.stderr.flush()
+    print(f"{passed} passed, {failed} failed, {skipped} skipped", flush=True)
+    return 0 if failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(_run(sys.argv[1:]))
