@@ -732,16 +732,6 @@ class TestTransport(_ServerTestCase):
             self.assertEqual((resp.status, resp.read(), resp.getheader("Content-Length")), (200, b"1", "1"))
         self.assertEqual(len(self.stored()), 20)
 
-    def test_keep_alive_is_fast(self):
-        # Nagle off: 50 keep-alive round trips must not cost 50 x 40 ms.
-        conn = http.client.HTTPConnection("127.0.0.1", MP.port, timeout=5)
-        self.addCleanup(conn.close)
-        started = time.monotonic()
-        for _ in range(50):
-            conn.request("POST", "/track", body=json.dumps(_event()))
-            conn.getresponse().read()
-        self.assertLess(time.monotonic() - started, 1.5)
-
     def test_request_line_of_1_5_mb_is_accepted(self):
         # The Node SDK GETs /track?data=<base64 of the whole event>.
         big = _event(blob="x" * 1_200_000)
@@ -829,8 +819,9 @@ class TestLifecycle(unittest.TestCase):
         self.assertIn(b"200 OK", sock.recv(4096))
         started = time.monotonic()
         fake.stop()
-        self.assertLess(time.monotonic() - started, 0.5)
-        self.assertEqual(sock.recv(4096), b"")  # the server closed the idle connection
+        # Closed by stop(), not by the 15 s idle timeout (speed itself is bench/'s).
+        self.assertLess(time.monotonic() - started, mixpanel_fake._IDLE_TIMEOUT / 3)
+        self.assertEqual(sock.recv(4096), b"")
 
     def test_bind_error_raises_in_the_caller(self):
         with MixpanelFake() as fake:
