@@ -85,6 +85,34 @@ _GROUP_OPS = ("$set", "$set_once", "$union", "$remove", "$unset", "$delete")
 # Operators that create the profile when it does not exist yet.
 _CREATING_OPS = frozenset(("$set", "$set_once", "$add", "$append", "$union"))
 
+# Mixpanel's ingestion limits (R-track, R-import, D-types, D-profiles; see
+# ingestion-api.md §11 and the README's coverage table for the choices).
+_MAX_BATCH = 2000                      # records per request
+_MAX_EVENT_BYTES = 1024 * 1024         # one event's JSON ("smaller than 1MB")
+_MAX_PROPERTIES = 255                  # "fewer than 255 properties"
+_MAX_ITEMS = 255                       # keys of a nested object, items of an array
+_MAX_DEPTH = 3                         # nesting depth of object properties
+_MAX_COLLECTION_BYTES = 8 * 1024       # a list or object event property
+_MAX_PROFILE_COLLECTION_BYTES = 256 * 1024
+_MAX_PROFILE_PROPERTIES = 2000
+_MAX_STRING = 255                      # longer strings and names are truncated
+_TRACK_MAX_AGE = 5 * 86400             # /track: "last 5 days only"
+_IMPORT_MIN_TIME = 31536000            # /import: not before 1971-01-01T00:00:00Z
+_IMPORT_MAX_AHEAD = 3600               # /import: not more than 1 h in the future
+_CLUSTER_CAP = 500                     # Original ID Merge: ids per identity cluster
+# Placeholder ids Mixpanel refuses as distinct_id or $insert_id (R-import;
+# compared case-insensitively, as AK's copy of the server list does).
+_PLACEHOLDER_IDS = frozenset((
+    "00000000-0000-0000-0000-000000000000", "anon", "anonymous", "nil", "none", "null",
+    "n/a", "na", "undefined", "unknown", "<nil>", "0", "-1", "true", "false", "[]", "{}",
+    "lmy47d"))
+_INSERT_ID_RE = re.compile(r"^[A-Za-z0-9-]{1,36}$")
+_UUID4_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$", re.I)
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+_IDENTITY_EVENTS = frozenset(("$identify", "$create_alias", "$merge"))
+_SIMPLIFIED_IDENTITY_ERROR = ("identity events are not allowed when project is using "
+                              "simplified identity management")
+
 # The 1x1 transparent GIF that `img=1` answers with (pixel tracking).
 _PIXEL_GIF = (
     b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00\x00\x00"
@@ -179,6 +207,46 @@ class Project:
                 "service_accounts": sorted(self.service_accounts)}
 
 
+class _Identity:
+    """One project's identity graph: which distinct_ids are one person.
+
+    Each cluster of two or more ids has one canonical id (the README's
+    "Identity" section says which); an id outside any cluster is its own.
+    """
+
+    __slots__ = ("canonical", "members", "device_owner", "identified", "aliases")
+
+    def __init__(self) -> None:
+        self.canonical: dict[str, str] = {}       # id -> canonical id (clusters only)
+        self.members: dict[str, list[str]] = {}   # canonical id -> every id in it
+        self.device_owner: dict[str, str] = {}    # Simplified: device id -> $user_id
+        self.identified: dict[str, str] = {}      # Original: $anon_id -> $identified_id
+        self.aliases: dict[str, str] = {}         # Original: alias -> distinct_id
+
+    def resolve(self, distinct_id: str) -> str:
+        return self.canonical.get(distinct_id, distinct_id)
+
+    def merge(self, keep: str, other: str, cap: int | None) -> tuple[str, str] | int | None:
+        """Join ``other``'s cluster into ``keep``'s, whose canonical id stays.
+
+        Returns ``(kept, absorbed)`` canonical ids, None when both are already
+        one cluster, or the would-be size when it exceeds ``cap`` (no change).
+        """
+        kept, absorbed = self.resolve(keep), self.resolve(other)
+        if kept == absorbed:
+            return None
+        ids = self.members.get(kept, [kept])
+        more = self.members.pop(absorbed, [absorbed])
+        if cap is not None and len(ids) + len(more) > cap:
+            if len(more) > 1:
+                self.members[absorbed] = more
+            return len(ids) + len(more)
+        self.members[kept] = ids + more
+        for member in self.members[kept]:
+            self.canonical[member] = kept
+        return kept, absorbed
+
+
 class _ProjectState:
     """Everything one project holds; a reset swaps the whole object out.
 
@@ -187,7 +255,7 @@ class _ProjectState:
     are replaced, never changed in place, so a reader holding one needs no lock.
     """
 
-    __slots__ = ("events", "event_ids", "profiles", "groups", "rejected")
+    __slots__ = ("events", "event_ids", "profiles", "groups", "rejected", "identity")
 
     def __init__(self) -> None:
         self.events: list[dict] = []
@@ -195,6 +263,23 @@ class _ProjectState:
         self.profiles: dict[str, dict] = {}
         self.groups: dict[tuple[str, str], dict] = {}
         self.rejected: list[dict] = []
+        self.identity = _Identity()
+
+
+class _Update:
+    """One validated /engage or /groups update, waiting for the lock."""
+
+    __slots__ = ("token", "key", "ops", "last_seen", "ignore_alias", "index", "record")
+
+    def __init__(self, token: str, key: Any, ops: list, last_seen: str | None,
+                 ignore_alias: bool, index: int, record: Any):
+        self.token = token
+        self.key = key
+        self.ops = ops
+        self.last_seen = last_seen
+        self.ignore_alias = ignore_alias
+        self.index = index
+        self.record = record
 
 
 class Store:
@@ -280,10 +365,18 @@ class Store:
     # --- writes -------------------------------------------------------------
 
     def add_events(self, accepted: list[tuple[str, dict]], rejected: list[dict]) -> None:
-        """Store accepted events and refused records in one critical section."""
+        """Store accepted events and refused records in one critical section.
+
+        Identity events and `$user_id`+`$device_id` pairs update the project's
+        identity graph here, in arrival order.
+        """
         with self.lock:
             for token, event in accepted:
-                state = self._project_locked(token)[1]
+                project, state = self._project_locked(token)
+                props = event["properties"]
+                if event["event"] in _IDENTITY_EVENTS or (
+                        "$user_id" in props and "$device_id" in props):
+                    _apply_identity(project.id_merge, state, event)
                 state.events.append(event)
                 state.event_ids.append(self._next_id)
                 self._next_id += 1
@@ -305,19 +398,35 @@ class Store:
             else:
                 self._project_locked(token)[1].rejected.append(record)
 
-    def apply_profile_updates(self, kind: str, updates: list[tuple], rejected: list[dict]) -> None:
+    def apply_profile_updates(self, kind: str, updates: list[_Update], rejected: list[dict],
+                              endpoint: str, now: float) -> int:
         """Apply profile or group updates in batch order, then keep refusals.
 
-        Each update is ``(token, key, ops, last_seen)`` where ``ops`` is a list
-        of ``(operator, value)`` and ``last_seen`` an ISO string or None.
+        In Original ID Merge projects a profile update goes to the canonical
+        id of its `$distinct_id`'s cluster, unless `$ignore_alias` is set.
+        Returns how many updates were applied.
         """
+        applied = 0
         with self.lock:
-            for token, key, ops, last_seen in updates:
-                state = self._project_locked(token)[1]
-                table = state.profiles if kind == "people" else state.groups
-                _apply_ops(table, key, ops, last_seen)
+            for update in updates:
+                project, state = self._project_locked(update.token)
+                key = update.key
+                if kind == "people":
+                    table = state.profiles
+                    if project.id_merge == "original" and not update.ignore_alias:
+                        key = state.identity.resolve(key)
+                else:
+                    table = state.groups
+                error = _apply_ops(table, key, update.ops, update.last_seen)
+                if error is None:
+                    applied += 1
+                else:
+                    prefix = "Engage API error: " if kind == "people" else "Groups API error: "
+                    rejected.append(_rejection(endpoint, update.token, update.index, update.record,
+                                               _Reject(None, prefix + error), now))
             self._reject_locked(rejected)
             self._changed_locked()
+        return applied
 
     def reset(self, project: str | None = None) -> None:
         """Drop the state of one project, or of all; the projects stay known."""
@@ -363,6 +472,14 @@ class Store:
             parts = [(token, dict(s.profiles if kind == "people" else s.groups))
                      for token, s in self._states(project)]
         return [(token, key, props) for token, table in parts for key, props in table.items()]
+
+    def canonical(self, distinct_id: str, project: str | None = None) -> str:
+        with self.lock:
+            for _, state in self._states(project):
+                found = state.identity.canonical.get(distinct_id)
+                if found is not None:
+                    return found
+        return distinct_id
 
     def rejected_rows(self, project: str | None = None) -> list[dict]:
         with self.lock:
@@ -461,11 +578,13 @@ _PROFILE_OPS = {
 }
 
 
-def _apply_ops(table: dict, key: Any, ops: list[tuple[str, Any]], last_seen: str | None) -> None:
+def _apply_ops(table: dict, key: Any, ops: list[tuple[str, Any]],
+               last_seen: str | None) -> str | None:
     """Apply one update's operators to ``table[key]`` (lock held).
 
     The profile is rebuilt, not changed in place, so readers holding the old
-    dict see a consistent snapshot.
+    dict see a consistent snapshot.  Returns why the update was refused, if
+    it was: a profile holds at most 2000 properties (D-profiles).
     """
     old = table.get(key)
     props = None if old is None else dict(old)
@@ -483,10 +602,88 @@ def _apply_ops(table: dict, key: Any, ops: list[tuple[str, Any]], last_seen: str
         touched = True
     if props is None:
         table.pop(key, None)
-        return
+        return None
     if touched and last_seen is not None:
         props["$last_seen"] = last_seen
+    if len(props) > _MAX_PROFILE_PROPERTIES and len(props) > len(old or ()):
+        return (f"profile would have {len(props)} properties; "
+                f"the limit is {_MAX_PROFILE_PROPERTIES}")
     table[key] = props
+    return None
+
+
+# --- identity (ingestion-api.md §6; D-idm; failure reasons from Mixpanel's
+# identity-merge FAQ) ----------------------------------------------------------
+
+
+def _identity_failure(props: dict, reason: str, description: str) -> None:
+    props["$failure_reason"] = reason
+    props["$failure_description"] = description
+
+
+def _apply_identity(mode: str, state: _ProjectState, event: dict) -> None:
+    """Update the identity graph from one event (lock held, arrival order).
+
+    Simplified: the first event carrying both `$device_id` and `$user_id`
+    links the device to that user for good; a later pair naming another user
+    is marked `$identity_failure_reason: errAnonDistinctIdAssignedAlready`.
+    `$identify`, `$create_alias` and `$merge` mean nothing there.  Original:
+    those three events join clusters, each under Mixpanel's rules.
+    """
+    identity = state.identity
+    props = event["properties"]
+    if mode == "simplified":
+        user, device = _id_text(props.get("$user_id")), _id_text(props.get("$device_id"))
+        if user is None or device is None:
+            return
+        owner = identity.device_owner.setdefault(device, user)
+        if owner == user:
+            identity.merge(user, "$device:" + device, None)
+        else:
+            props["$identity_failure_reason"] = "errAnonDistinctIdAssignedAlready"
+        return
+    name = event["event"]
+    if name == "$identify":
+        known, anon = props["$identified_id"], props["$anon_id"]
+        if known == anon:
+            _identity_failure(props, "errSameIDs",
+                              f"Identified and anon ID are same in the identify request {anon}")
+        elif not _UUID4_RE.match(anon):
+            _identity_failure(props, "errAnonDistinctIdNonGUIDForm",
+                              f"$anon_distinct_id didn't match expected GUID pattern: {anon}")
+        elif identity.identified.get(anon, known) != known:
+            _identity_failure(props, "errAnonDistinctIdAssignedAlready",
+                              f"$anon_distinct_id already identified: {anon}")
+        elif _merge_clusters(state, known, anon, props):
+            identity.identified[anon] = known
+    elif name == "$create_alias":
+        alias, target = props["alias"], props["distinct_id"]
+        if identity.aliases.get(alias, target) != target:
+            _identity_failure(props, "errAliasAlreadyExists", "alias already exists with the id")
+        elif _merge_clusters(state, target, alias, props):
+            identity.aliases[alias] = target
+    elif name == "$merge":
+        first, second = props["$distinct_ids"]
+        _merge_clusters(state, first, second, props)
+
+
+def _merge_clusters(state: _ProjectState, keep: str, other: str, props: dict) -> bool:
+    """Join two Original ID Merge clusters, moving profiles as Mixpanel does.
+
+    If both clusters have a profile, the canonical id's stays and the other
+    is hidden; if only the absorbed one has a profile, it moves over.
+    """
+    outcome = state.identity.merge(keep, other, _CLUSTER_CAP)
+    if isinstance(outcome, int):
+        _identity_failure(props, "errManyIDs", "too many distinctIDs mapped together, "
+                                               f"Cluster size: {outcome} Max limit: {_CLUSTER_CAP}")
+        return False
+    if outcome is not None:
+        kept, absorbed = outcome
+        moved = state.profiles.pop(absorbed, None)
+        if moved is not None and kept not in state.profiles:
+            state.profiles[kept] = moved
+    return True
 
 
 # =============================================================================
@@ -606,10 +803,8 @@ def _loads(text: str) -> Any:
 
 def _decode_data(raw: str) -> Any:
     """Decode a ``data=`` value: URL-encoded JSON, or (URL-encoded) base64 JSON."""
-    try:
-        text = unquote_plus(raw, errors="strict").strip()
-    except UnicodeDecodeError:
-        raise _PayloadError("data, not valid UTF-8") from None
+    # Invalid UTF-8 survives as lone surrogates, refused per field later.
+    text = unquote_plus(raw, errors="surrogateescape").strip()
     if text[:1] in ("{", "["):
         try:
             return _loads(text)
@@ -625,9 +820,7 @@ def _decode_data(raw: str) -> Any:
     except (binascii.Error, ValueError):
         raise _PayloadError("data, neither JSON nor base64-encoded JSON") from None
     try:
-        return _loads(decoded.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise _PayloadError("data, base64 payload is not valid UTF-8") from None
+        return _loads(decoded.decode("utf-8", "surrogateescape"))
     except ValueError as exc:
         raise _PayloadError(f"data, invalid JSON in base64 payload: {exc}") from None
 
@@ -640,17 +833,15 @@ def _read_records(req: _Request, ndjson: bool) -> tuple[list, str]:
     """
     if req.is_json:
         dialect = "json"
-        try:
-            text = req.body.decode("utf-8")
-        except UnicodeDecodeError:
-            raise _PayloadError("request body is not valid UTF-8") from None
+        text = req.body.decode("utf-8", "surrogateescape")
         try:
             value = _loads(text)
         except ValueError as exc:
             if not ndjson:
                 raise _PayloadError(f"invalid JSON body: {exc}") from None
             value = []
-            for number, line in enumerate(text.splitlines(), 1):
+            # Split on newlines only: U+2028 may sit raw inside a JSON string.
+            for number, line in enumerate(text.split("\n"), 1):
                 if line.strip():
                     try:
                         value.append(_loads(line))
@@ -708,11 +899,127 @@ def _iso_seconds(ts: float) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S")
 
 
-def _normalize_event(record: Any, fallback_token: str | None, endpoint: str,
-                     now: float, host: str) -> tuple[str, dict]:
-    """One event as Mixpanel stores it, or `_Reject` saying why not."""
+class _Batch:
+    """What every record of one ingestion request shares."""
+
+    __slots__ = ("store", "endpoint", "now", "host", "fallback", "strict", "sized")
+
+    def __init__(self, store: Store, req: _Request, endpoint: str, strict: bool):
+        self.store = store
+        self.endpoint = endpoint
+        self.now = store.now()
+        self.host = req.host
+        self.fallback = _credential_token(store, req)
+        self.strict = strict
+        # No event can reach the per-event size limit in a smaller body, so
+        # only big bodies pay for measuring each event.
+        self.sized = len(req.body) + len(req.raw.get("data") or "") >= _MAX_EVENT_BYTES
+
+
+class _Ignored(Exception):
+    """The event carries `$ignore`: Mixpanel drops it without an error."""
+
+
+def _invalid(field: str, problem: str) -> _Reject:
+    """A refusal worded as Mixpanel's /import words them."""
+    return _Reject(field, f"'{field}' is invalid: {problem}")
+
+
+def _check_string(value: str, field: str) -> str:
+    """Refuse invalid UTF-8 (R-import's wording); truncate past 255 characters."""
+    if not value.isascii() and _SURROGATE_RE.search(value):
+        raise _Reject(field, f"{field} is invalid: string should be valid utf8")
+    return value[:_MAX_STRING] if len(value) > _MAX_STRING else value
+
+
+class _Limits:
+    """How deep, how long and how big list and object values may be."""
+
+    __slots__ = ("depth", "items", "collection_bytes")
+
+    def __init__(self, depth: int, items: int | None, collection_bytes: int):
+        self.depth = depth
+        self.items = items
+        self.collection_bytes = collection_bytes
+
+
+# Events: objects nest at most 3 deep, fewer than 255 keys or items, 8KB per
+# list or object property (R-import, D-types).  Profiles: 256KB per list or
+# object (D-types); no depth or length limit is documented, so the fake only
+# guards its own stack with a depth of 20.
+_EVENT_LIMITS = _Limits(_MAX_DEPTH, _MAX_ITEMS, _MAX_COLLECTION_BYTES)
+_PROFILE_LIMITS = _Limits(20, None, _MAX_PROFILE_COLLECTION_BYTES)
+
+
+def _check_value(value: Any, field: str, depth: int, limits: _Limits) -> Any:
+    """Check one property value against the limits; return it, with long
+    strings truncated (a new container only when something changed)."""
+    kind = type(value)
+    if kind is str:
+        return _check_string(value, field)
+    if kind is not list and kind is not dict:
+        return value
+    if depth > limits.depth:
+        raise _invalid(field, f"objects and lists may nest at most {limits.depth} deep")
+    if limits.items is not None and len(value) >= limits.items:
+        raise _invalid(field, "arrays must have fewer than 255 elements" if kind is list
+                       else "objects must have fewer than 255 keys")
+    if kind is list:
+        checked = [_check_value(item, field, depth + 1, limits) for item in value]
+        changed = any(a is not b for a, b in zip(checked, value))
+        result: Any = checked if changed else value
+    else:
+        result = value
+        pairs = [(_check_string(k, field), _check_value(v, f"{field}.{k}", depth + 1, limits))
+                 for k, v in value.items()]
+        if any(k is not k0 or v is not v0 for (k, v), (k0, v0) in zip(pairs, value.items())):
+            result = dict(pairs)
+    if depth == 1 and len(_dumps(result)) > limits.collection_bytes:
+        raise _invalid(field, f"list and object properties must be at most "
+                              f"{limits.collection_bytes // 1024}KB")
+    return result
+
+
+def _check_properties(props: dict, prefix: str, limits: _Limits) -> dict:
+    """Truncate names and strings, refuse what breaks a limit (ingestion-api.md §11)."""
+    changes = None
+    for name, value in props.items():
+        field = f"{prefix}{name}"
+        new_name = _check_string(name, field)
+        new_value = _check_value(value, field, 1, limits)
+        if new_name is not name or new_value is not value:
+            if changes is None:
+                changes = []
+            changes.append((name, new_name, new_value))
+    if changes:
+        props = dict(props)
+        for name, new_name, new_value in changes:
+            del props[name]
+            props[new_name] = new_value
+    return props
+
+
+def _check_id(props: dict, field: str) -> None:
+    """A distinct_id is a string (or number), never a placeholder (R-import)."""
+    value = props[field]
+    if value == "":
+        return  # allowed: "excluded from user analysis" (R-import)
+    text = _id_text(value)
+    if text is None:
+        raise _invalid(f"properties.{field}", "must be a string")
+    if text.lower() in _PLACEHOLDER_IDS:
+        raise _invalid(f"properties.{field}", f"{text!r} is a placeholder, not an id")
+
+
+def _normalize_event(record: Any, batch: _Batch) -> tuple[str, dict]:
+    """One event as Mixpanel stores it, or `_Reject` saying why not.
+
+    Rules apply on every endpoint; a strict /import also requires `time`,
+    `distinct_id` and `$insert_id`, where /track and non-strict /import fill
+    them in (arrival time, nothing, a server-generated id).
+    """
     if not isinstance(record, dict):
-        raise _Reject(None, "each record must be a JSON object")
+        raise _Reject(None, "each record must be a JSON object with 'event' and 'properties'")
     name = record.get("event")
     if not isinstance(name, str) or not name.strip():
         raise _Reject("event", "'event' must not be missing or blank")
@@ -721,26 +1028,113 @@ def _normalize_event(record: Any, fallback_token: str | None, endpoint: str,
         props = {}
     elif not isinstance(props, dict):
         raise _Reject("properties", "'properties' must be a JSON object")
-    token = props.get("token") or fallback_token
+    else:
+        props = dict(props)  # the refused record stays as it was sent
+    token = props.get("token") or batch.fallback
     if not isinstance(token, str) or not token:
         raise _Reject("properties.token", "token, missing or empty")
-    if "time" in props:
-        try:
-            props["time"] = _normalize_time(props["time"])
-        except ValueError:
-            raise _Reject("properties.time", "'properties.time' is invalid: "
-                          "must be specified as seconds since epoch") from None
+    if props.get("$ignore") not in (None, False):
+        raise _Ignored()  # D-bot: events with $ignore are dropped at ingestion
+    if batch.sized and len(_dumps(record)) >= _MAX_EVENT_BYTES:
+        raise _Reject(None, "event is invalid: must be smaller than 1MB of uncompressed JSON")
+    if len(props) >= _MAX_PROPERTIES:
+        raise _invalid("properties", f"must have fewer than {_MAX_PROPERTIES} properties")
+    props = _check_properties(props, "properties.", _EVENT_LIMITS)
+    if not name.isascii() and _SURROGATE_RE.search(name):
+        raise _Reject("event", "event is invalid: string should be valid utf8")
+    project = batch.store.projects.get(token)  # a dict read; no lock needed
+    original = project is not None and project.id_merge == "original"
+    _normalize_event_time(props, batch)
+    if original:
+        _check_identity_event(name, props, batch)
     else:
-        # No time: Mixpanel uses the time of arrival (R-dedup, D-reserved).
-        props["time"] = round(now, 3)
+        _derive_distinct_id(props)
+    if "distinct_id" in props:
+        _check_id(props, "distinct_id")
+    elif batch.strict and name not in _IDENTITY_EVENTS:
+        raise _invalid("properties.distinct_id", "must not be missing")
+    insert_id = props.get("$insert_id")
+    if insert_id is None:
+        if batch.strict and name not in _IDENTITY_EVENTS:
+            raise _invalid("properties.$insert_id", "must not be missing")
+        # R-dedup: a generated id, so the event is never merged with another.
+        props["$insert_id"] = os.urandom(16).hex()
+    elif not isinstance(insert_id, str) or not _INSERT_ID_RE.match(insert_id):
+        raise _invalid("properties.$insert_id", "must be at most 36 bytes of letters, digits and '-'")
+    elif insert_id.lower() in _PLACEHOLDER_IDS:
+        raise _invalid("properties.$insert_id", f"{insert_id!r} is a placeholder, not an id")
     # Properties Mixpanel adds on ingestion (D-reserved, default properties).
-    now_ms = int(now * 1000)
-    props["$mp_api_endpoint"] = host
+    now_ms = int(batch.now * 1000)
+    props["$mp_api_endpoint"] = batch.host
     props["$mp_api_timestamp_ms"] = now_ms
     props["mp_processing_time_ms"] = now_ms
-    if endpoint == "/import":
+    if batch.endpoint == "/import":
         props["$import"] = True
     return token, {"event": name, "properties": props}
+
+
+def _normalize_event_time(props: dict, batch: _Batch) -> None:
+    """`time` in seconds, within the endpoint's window (ingestion-api.md §2, §3)."""
+    now = batch.now
+    if "time" in props:
+        try:
+            ts = _normalize_time(props["time"])
+        except ValueError:
+            raise _invalid("properties.time", "must be specified as seconds since epoch") from None
+    elif batch.strict:
+        raise _invalid("properties.time", "must not be missing")
+    else:
+        ts = round(now, 3)  # no time: the time of arrival (R-dedup, D-reserved)
+    if batch.endpoint == "/track":
+        if ts > now:
+            ts = round(now, 3)  # OAS: future times are overwritten with the present
+        elif ts < now - _TRACK_MAX_AGE:
+            raise _invalid("properties.time", "/track only accepts events from the last 5 days; "
+                                              "send older events to /import")
+    elif ts < _IMPORT_MIN_TIME:
+        raise _invalid("properties.time", "must not be before 1971-01-01")
+    elif ts > now + _IMPORT_MAX_AHEAD:
+        raise _invalid("properties.time", "must not be in the future")
+    props["time"] = ts
+
+
+def _derive_distinct_id(props: dict) -> None:
+    """Simplified ID Merge: distinct_id is the `$user_id`, else `$device:<id>`.
+
+    Mixpanel sets it whatever the client sent (D-idm FAQ), and strips one
+    `$device:` prefix from `$device_id` (AK's probes).
+    """
+    device = props.get("$device_id")
+    if isinstance(device, str) and device.startswith("$device:"):
+        device = props["$device_id"] = device[len("$device:"):]
+    user = _id_text(props.get("$user_id"))
+    if user is not None:
+        props["distinct_id"] = user
+    elif _id_text(device) is not None:
+        props["distinct_id"] = "$device:" + _id_text(device)
+
+
+def _check_identity_event(name: str, props: dict, batch: _Batch) -> None:
+    """Original ID Merge: the properties each identity event needs (R-ident)."""
+    if name == "$identify":
+        for field in ("$identified_id", "$anon_id"):
+            if _id_text(props.get(field)) is None:
+                raise _invalid(f"properties.{field}", "must not be missing")
+            props[field] = _id_text(props[field])
+        props.setdefault("distinct_id", props["$identified_id"])
+    elif name == "$create_alias":
+        for field in ("distinct_id", "alias"):
+            if _id_text(props.get(field)) is None:
+                raise _invalid(f"properties.{field}", "must not be missing")
+            props[field] = _id_text(props[field])
+    elif name == "$merge":
+        if batch.endpoint != "/import":
+            raise _Reject("event", "$merge is only accepted by /import")
+        ids = props.get("$distinct_ids")
+        if (not isinstance(ids, list) or len(ids) != 2
+                or any(_id_text(i) is None for i in ids)):
+            raise _invalid("properties.$distinct_ids", "must hold exactly 2 distinct_ids")
+        props["$distinct_ids"] = [_id_text(i) for i in ids]
 
 
 def _id_text(value: Any) -> str | None:
@@ -753,8 +1147,8 @@ def _id_text(value: Any) -> str | None:
 
 
 def _normalize_update(record: Any, kind: str, fallback_token: str | None,
-                      now: float) -> tuple[str, Any, list, str | None]:
-    """One /engage or /groups update as ``(token, key, ops, last_seen)``."""
+                      now: float, index: int) -> _Update:
+    """One /engage or /groups update, checked, or `_Reject` saying why not."""
     prefix = "Engage API error: " if kind == "people" else "Groups API error: "
     if not isinstance(record, dict):
         raise _Reject(None, prefix + "each update must be a JSON object")
@@ -776,33 +1170,42 @@ def _normalize_update(record: Any, kind: str, fallback_token: str | None,
         key = (group_key, group_id)
         allowed = _GROUP_OPS
     ops = []
-    for op, value in record.items():
-        if op in allowed:
-            _check_op(op, value, prefix)
-            ops.append((op, value))
-        elif op in _PEOPLE_OPS:
-            raise _Reject(op, prefix + f"{op} is not supported for group profiles")
+    try:
+        for op, value in record.items():
+            if op in allowed:
+                ops.append((op, _check_op(op, value, prefix)))
+            elif op in _PEOPLE_OPS:
+                raise _Reject(op, prefix + f"{op} is not supported for group profiles")
+    except _Reject as reject:
+        if reject.message.startswith(prefix):
+            raise
+        raise _Reject(reject.field, prefix + reject.message) from None
     if not ops:
         raise _Reject(None, prefix + "no operation: expected one of " + ", ".join(allowed))
     last_seen = None
-    if kind == "people" and not (record.get("$ignore_time") is True
-                                 or record.get("$ignore_time") == "true"):
+    if kind == "people" and not _flag(record.get("$ignore_time")):
         # `$last_seen` is the time of the update: its `$time`, else arrival.
         try:
             last_seen = _iso_seconds(_normalize_time(record["$time"]))
         except (KeyError, ValueError, OverflowError, OSError):
             last_seen = _iso_seconds(now)
-    return token, key, ops, last_seen
+    return _Update(token, key, ops, last_seen, _flag(record.get("$ignore_alias")), index, record)
 
 
-def _check_op(op: str, value: Any, prefix: str) -> None:
-    """Refuse an operator whose value has the wrong shape (OAS schemas)."""
+def _flag(value: Any) -> bool:
+    """A modifier such as `$ignore_time` is on when true (or "true")."""
+    return value is True or value == "true"
+
+
+def _check_op(op: str, value: Any, prefix: str) -> Any:
+    """Refuse an operator whose value has the wrong shape (OAS schemas);
+    return the value with long strings truncated (D-profiles)."""
     if op == "$delete":
-        return
+        return value
     if op == "$unset":
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise _Reject(op, prefix + "$unset must be a list of property names")
-        return
+        return value
     if not isinstance(value, dict):
         raise _Reject(op, prefix + f"{op} must be an object of properties")
     if op == "$add":
@@ -813,17 +1216,23 @@ def _check_op(op: str, value: Any, prefix: str) -> None:
         for name, items in value.items():
             if not isinstance(items, list):
                 raise _Reject(f"$union.{name}", prefix + f"$union value for {name!r} must be a list")
+    # Profile strings and names are cut at 255 like event ones; list and
+    # object values may hold 256KB (D-types), nested without a depth limit.
+    return _check_properties(value, op + ".", _PROFILE_LIMITS)
 
 
 def _rejection(endpoint: str, token: str | None, index: int, record: Any,
-               reject: _Reject, now: float) -> dict:
-    """A refused record with its reason; `seq` is given under the lock."""
+               reject: _Reject, now: float, dropped: bool = False) -> dict:
+    """A refused record with its reason; `seq` is given under the lock.
+
+    ``dropped`` marks records Mixpanel drops without an error (`$ignore`).
+    """
     insert_id = None
     if isinstance(record, dict) and isinstance(record.get("properties"), dict):
         insert_id = record["properties"].get("$insert_id")
     return {"seq": 0, "project": token, "endpoint": endpoint, "index": index,
             "field": reject.field, "reason": reject.message, "insert_id": insert_id,
-            "record": record, "time": now}
+            "dropped": dropped, "record": record, "time": now}
 
 
 def _record_token(record: Any, kind: str) -> str | None:
@@ -838,7 +1247,7 @@ def _record_token(record: Any, kind: str) -> str | None:
     return token if isinstance(token, str) and token else None
 
 
-def _ingest_answer(req: _Request, ok: bool, error: str | None) -> _Response:
+def _ingest_answer(req: _Request, ok: bool, error: str | None, status: int = 200) -> _Response:
     """The /track-style answer: `1`/`0`, verbose JSON, JSONP or a pixel.
 
     `verbose=1` gives {"status","error"} (what the Python SDK requires);
@@ -846,12 +1255,11 @@ def _ingest_answer(req: _Request, ok: bool, error: str | None) -> _Response:
     """
     verbose = req.param("verbose")
     if req.param("img") == "1":
-        return _Response(200, _PIXEL_GIF, "image/gif")
-    status = 200
+        return _Response(status, _PIXEL_GIF, "image/gif")
     if verbose in ("1", "2"):
         body = _dumps({"status": 1 if ok else 0, "error": None if ok else error})
         content_type = "application/json"
-        if verbose == "2" and not ok:
+        if verbose == "2" and not ok and status == 200:
             status = 400
     else:
         body = b"1" if ok else b"0"
@@ -864,31 +1272,74 @@ def _ingest_answer(req: _Request, ok: bool, error: str | None) -> _Response:
     return _Response(status, body, content_type)
 
 
+def _too_many(count: int) -> str:
+    return f"request exceeds max limit of {_MAX_BATCH} records (it has {count})"
+
+
 def _ingest_events(store: Store, req: _Request, endpoint: str) -> _Response:
-    """Decode, normalise and store a batch of events; answer per dialect."""
-    now = store.now()
+    """Decode, check and store a batch of events; answer per dialect.
+
+    Every refused record is kept, with its reason, for `mp.rejected()`.
+    """
     try:
         records, dialect = _read_records(req, ndjson=endpoint == "/import")
     except _PayloadError as exc:
-        return _import_failure(req, str(exc)) if (
-            endpoint == "/import" and req.is_json) else _ingest_answer(req, False, str(exc))
-    fallback = _credential_token(store, req)
-    host = req.host
+        if endpoint == "/import" and req.is_json:
+            return _import_failure(400, str(exc))
+        return _ingest_answer(req, False, str(exc))
+    strict = endpoint == "/import" and _import_is_strict(req, dialect)
+    if len(records) > _MAX_BATCH:
+        # R-track/R-import: 2000 events per request; the 413 page lists
+        # "too many events per batch" among its causes.
+        if endpoint == "/import" and dialect == "json":
+            return _import_failure(413, _too_many(len(records)))
+        return _ingest_answer(req, False, _too_many(len(records)), status=413)
+    batch = _Batch(store, req, endpoint, strict)
     accepted: list[tuple[str, dict]] = []
+    accepted_at: list[int] = []
     rejected: list[dict] = []
+    ignored = 0
     for index, record in enumerate(records):
         try:
-            accepted.append(_normalize_event(record, fallback, endpoint, now, host))
+            accepted.append(_normalize_event(record, batch))
+            accepted_at.append(index)
         except _Reject as reject:
-            token = _record_token(record, "events") or fallback
-            rejected.append(_rejection(endpoint, token, index, record, reject, now))
+            token = _record_token(record, "events") or batch.fallback
+            rejected.append(_rejection(endpoint, token, index, record, reject, batch.now))
+        except _Ignored:
+            ignored += 1
+            rejected.append(_rejection(endpoint, _record_token(record, "events") or batch.fallback,
+                                       index, record, _Reject("properties.$ignore", "$ignore is set: "
+                                                              "Mixpanel drops the event"),
+                                       batch.now, dropped=True))
+    if strict and _has_simplified_identity_event(store, accepted):
+        # AK's probes: a strict /import holding $identify, $create_alias or
+        # $merge for a Simplified project is refused whole, strings for records.
+        refused = [_rejection(endpoint, token, index, records[index],
+                              _Reject(None, _SIMPLIFIED_IDENTITY_ERROR), batch.now)
+                   for index, (token, _) in zip(accepted_at, accepted)]
+        store.add_events([], rejected + refused)
+        return _json(400, {"code": 400, "error": "some data points in the request failed validation",
+                           "failed_records": [_SIMPLIFIED_IDENTITY_ERROR], "num_records_imported": 0,
+                           "status": "Bad Request"})
     store.add_events(accepted, rejected)
-    if endpoint == "/import" and _import_is_strict(req, dialect):
-        return _import_answer(len(accepted), rejected)
+    landed = len(accepted) + ignored
+    failed = [r for r in rejected if not r["dropped"]]
+    if strict:
+        return _import_answer(landed, failed)
     if endpoint == "/import" and dialect == "json":
-        return _import_answer(len(accepted), [])
-    error = rejected[0]["reason"] if rejected else "no records in the request"
-    return _ingest_answer(req, bool(accepted), None if accepted else error)
+        return _import_answer(landed, [])
+    error = failed[0]["reason"] if failed else "no records in the request"
+    return _ingest_answer(req, landed > 0, None if landed else error)
+
+
+def _has_simplified_identity_event(store: Store, accepted: list[tuple[str, dict]]) -> bool:
+    for token, event in accepted:
+        if event["event"] in _IDENTITY_EVENTS:
+            project = store.projects.get(token)
+            if project is None or project.id_merge == "simplified":
+                return True
+    return False
 
 
 def _import_is_strict(req: _Request, dialect: str) -> bool:
@@ -898,39 +1349,49 @@ def _import_is_strict(req: _Request, dialect: str) -> bool:
     return strict != "0" if dialect == "json" else strict == "1"
 
 
-def _import_answer(imported: int, rejected: list[dict]) -> _Response:
-    if not rejected:
+def _import_answer(imported: int, failed: list[dict]) -> _Response:
+    """/import's JSON answer: 200, or 400 listing the failed records while
+    the valid ones are kept (R-import)."""
+    if not failed:
         return _json(200, {"code": 200, "num_records_imported": imported, "status": "OK"})
-    failed = [{"index": r["index"], "insert_id": r["insert_id"], "field": r["field"],
-               "message": r["reason"]} for r in rejected]
+    records = [{"index": r["index"], "insert_id": r["insert_id"], "field": r["field"],
+                "message": r["reason"]} for r in failed]
     return _json(400, {"code": 400, "error": "some data points in the request failed validation",
-                       "failed_records": failed, "num_records_imported": imported,
+                       "failed_records": records, "num_records_imported": imported,
                        "status": "Bad Request"})
 
 
-def _import_failure(req: _Request, error: str) -> _Response:
-    return _json(400, {"code": 400, "error": error, "status": "Bad Request"})
+def _import_failure(status: int, error: str) -> _Response:
+    phrase = BaseHTTPRequestHandler.responses.get(status, ("Error",))[0]
+    return _json(status, {"code": status, "error": error, "status": phrase})
 
 
 def _ingest_profiles(store: Store, req: _Request, kind: str, endpoint: str) -> _Response:
-    """Decode and apply a batch of profile (or group profile) updates."""
+    """Decode, check and apply a batch of profile (or group profile) updates."""
     now = store.now()
     try:
         records, _ = _read_records(req, ndjson=False)
     except _PayloadError as exc:
         return _ingest_answer(req, False, str(exc))
+    if len(records) > _MAX_BATCH:
+        return _ingest_answer(req, False, _too_many(len(records)), status=413)
     fallback = _credential_token(store, req)
     updates = []
     rejected: list[dict] = []
     for index, record in enumerate(records):
         try:
-            updates.append(_normalize_update(record, kind, fallback, now))
+            updates.append(_normalize_update(record, kind, fallback, now, index))
         except _Reject as reject:
             token = _record_token(record, kind) or fallback
             rejected.append(_rejection(endpoint, token, index, record, reject, now))
-    store.apply_profile_updates(kind, updates, rejected)
+    applied = store.apply_profile_updates(kind, updates, rejected, endpoint, now)
+    rejected.sort(key=_by_index)
     error = rejected[0]["reason"] if rejected else "no records in the request"
-    return _ingest_answer(req, bool(updates), None if updates else error)
+    return _ingest_answer(req, applied > 0, None if applied else error)
+
+
+def _by_index(record: dict) -> Any:
+    return record["index"]
 
 
 def _track(store: Store, req: _Request) -> _Response:
@@ -992,6 +1453,19 @@ def _event_matches(event: dict, name: str | None, distinct_id: Any,
     return True
 
 
+def _dedup(rows: list[tuple[int, str, dict]]) -> list[tuple[int, str, dict]]:
+    """What reports see: one event per (event, distinct_id, time, $insert_id)
+    in a project, the latest copy winning, at its own place (R-dedup)."""
+    latest: dict[tuple, int] = {}
+    for position, (_, token, event) in enumerate(rows):
+        props = event["properties"]
+        key = (token, event["event"], _id_text(props.get("distinct_id")),
+               props.get("time"), props.get("$insert_id"))
+        latest[key] = position
+    keep = sorted(latest.values())
+    return [rows[position] for position in keep]
+
+
 def _root(store: Store, req: _Request) -> _Response:
     """What this server is: the seed's contract plus the endpoint list."""
     return _json(200, {
@@ -1013,11 +1487,14 @@ def _parlel_reset(store: Store, req: _Request) -> _Response:
 
 
 def _parlel_events(store: Store, req: _Request) -> _Response:
-    """Stored events in arrival order; ?project=, ?event=, ?distinct_id= filter."""
+    """Stored events in arrival order; ?project=, ?event=, ?distinct_id=
+    filter, ?dedup=1 shows what reports see."""
     name = req.param("event")
     distinct_id = req.param("distinct_id")
-    rows = [_event_view(seq, token, event)
-            for seq, token, event in store.event_rows(_scope(req))
+    rows = store.event_rows(_scope(req))
+    if req.param("dedup") in ("1", "true"):
+        rows = _dedup(rows)
+    rows = [_event_view(seq, token, event) for seq, token, event in rows
             if _event_matches(event, name, distinct_id, None)]
     return _json(200, {"count": len(rows), "events": rows})
 
@@ -1511,15 +1988,28 @@ class MixpanelFake:
     # --- reads --------------------------------------------------------------
 
     def events(self, name: str | None = None, distinct_id: Any = None,
-               project: str | None = None, properties: dict | None = None) -> list[dict]:
+               project: str | None = None, properties: dict | None = None,
+               dedup: bool = False) -> list[dict]:
         """Stored events as ``{"event", "properties"}``, in arrival order.
 
         ``properties={...}`` keeps events whose properties include those
         values (property names such as ``$browser`` cannot be keywords).
+        ``dedup=True`` shows what Mixpanel's reports count: one event per
+        (event, distinct_id, time, $insert_id), the latest copy winning.
         """
+        rows = self.store.event_rows(project)
+        if dedup:
+            rows = _dedup(rows)
         return [{"event": event["event"], "properties": dict(event["properties"])}
-                for _, _, event in self.store.event_rows(project)
-                if _event_matches(event, name, distinct_id, properties)]
+                for _, _, event in rows if _event_matches(event, name, distinct_id, properties)]
+
+    def canonical(self, distinct_id: Any, project: str | None = None) -> str | None:
+        """The canonical id of ``distinct_id``'s identity cluster (itself when
+        it is in none); with no ``project``, the first project that knows it."""
+        key = _id_text(distinct_id)
+        if key is None:
+            return None
+        return self.store.canonical(key, project)
 
     def profiles(self, project: str | None = None) -> dict[str, dict]:
         """``{distinct_id: properties}`` (pass ``project`` when several share ids)."""

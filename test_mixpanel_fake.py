@@ -90,6 +90,15 @@ def _event(name="Signed Up", token=TOKEN, **props):
     return {"event": name, "properties": dict({"token": token}, **props)}
 
 
+_INSERT_IDS = iter(range(10 ** 9))
+
+
+def _full(name="Imported", token=TOKEN, **props):
+    """An event a strict /import accepts: time, distinct_id and $insert_id set."""
+    base = {"time": T0 - 60, "distinct_id": "d", "$insert_id": f"iid-{next(_INSERT_IDS)}"}
+    return _event(name, token, **dict(base, **props))
+
+
 def _require(available: bool, reason: str, case: unittest.TestCase) -> None:
     if not available:
         if REQUIRE_SDKS:
@@ -200,7 +209,8 @@ class TestContract(_ServerTestCase):
 # =============================================================================
 
 # "~~~>>>???" makes base64 with '+' and '/' in it (sdks.md §2.2).
-_TRICKY = {"event": "Tricky", "properties": {"token": TOKEN, "s": "~~~>>>???", "u": "naïve ☃"}}
+_TRICKY = {"event": "Tricky", "properties": {"token": TOKEN, "s": "~~~>>>???", "u": "naïve ☃",
+                                            "$insert_id": "tricky-1"}}
 _TRICKY_B64 = _b64(_TRICKY)
 assert "+" in _TRICKY_B64 and "/" in _TRICKY_B64
 
@@ -242,13 +252,13 @@ class TestEncodings(_ServerTestCase):
                     _TRICKY["properties"], time=T0, **self.server_props())}])
 
     def test_ndjson_import(self):
-        lines = "\n".join(json.dumps(_event(str(i), time=T0 - i, distinct_id="d")) for i in range(3))
+        lines = "\n".join(json.dumps(_full(str(i), time=T0 - i)) for i in range(3))
         status, body = _json("POST", "/import", lines + "\n", {"Content-Type": "application/x-ndjson"})
         self.assertEqual((status, body), (200, {"code": 200, "num_records_imported": 3, "status": "OK"}))
         self.assertEqual([e["event"] for e in self.stored()], ["0", "1", "2"])
 
     def test_gzip_ndjson_import(self):
-        lines = "\n".join(json.dumps(_event(str(i), time=T0, distinct_id="d")) for i in range(2))
+        lines = "\n".join(json.dumps(_full(str(i))) for i in range(2))
         status, body = _json("POST", "/import", gzip.compress(lines.encode()),
                              {"Content-Type": "application/x-ndjson", "Content-Encoding": "gzip"})
         self.assertEqual(body["num_records_imported"], 2)
@@ -357,7 +367,7 @@ class TestAnswers(_ServerTestCase):
         self.assertEqual(status, 400)
 
     def test_import_json_dialect(self):
-        batch = [_event(str(i), time=T0 - i, distinct_id="d", **{"$insert_id": f"id{i}"}) for i in range(3)]
+        batch = [_full(str(i), time=T0 - i) for i in range(3)]
         self.assertEqual(_json("POST", "/import", json.dumps(batch), {"Content-Type": "application/json"}),
                          (200, {"code": 200, "num_records_imported": 3, "status": "OK"}))
 
@@ -368,8 +378,8 @@ class TestAnswers(_ServerTestCase):
         self.assertEqual(_http("GET", "/import?verbose=0&data=" + _b64(_event(time=T0)))[2], b"1")
 
     def test_import_strict_failure_shape(self):
-        batch = [_event("good", time=T0, distinct_id="d"), {"event": "", "properties": {"token": TOKEN}},
-                 _event("bad time", time="yesterday", **{"$insert_id": "abc"})]
+        batch = [_full("good"), {"event": "", "properties": {"token": TOKEN}},
+                 _full("bad time", time="yesterday", **{"$insert_id": "abc"})]
         status, body = _json("POST", "/import?strict=1", json.dumps(batch))
         self.assertEqual(status, 400)
         self.assertEqual(body, {
@@ -399,7 +409,7 @@ class TestEventStorage(_ServerTestCase):
         # ms by magnitude (sdks.md §5.3 step 6); JS/PY float seconds are kept.
         cases = [(1794690000, 1794690000), (1794690000.25, 1794690000.25),
                  (1794690000000, 1794690000), (1794690000250, 1794690000.25),
-                 (1794690000250.0, 1794690000.25), (0, 0)]
+                 (1794690000250.0, 1794690000.25)]
         for sent, stored in cases:
             with self.subTest(sent=sent):
                 MP.reset()
@@ -414,13 +424,12 @@ class TestEventStorage(_ServerTestCase):
         self.assertEqual(self.stored()[0]["properties"]["time"], T0 + 0.5)
 
     def test_server_added_properties(self):
-        _http("POST", "/track", json.dumps(_event(distinct_id="u")))
-        _http("POST", "/import", json.dumps(_event(distinct_id="u", time=T0)))
+        sent = _full(distinct_id="u")
+        _http("POST", "/track", json.dumps(sent))
+        _http("POST", "/import", json.dumps(sent))
         track, imported = self.stored()
-        self.assertEqual(track["properties"], dict(_event(distinct_id="u")["properties"], time=T0,
-                                                   **self.server_props("/track")))
-        self.assertEqual(imported["properties"], dict(_event(distinct_id="u")["properties"], time=T0,
-                                                      **self.server_props("/import")))
+        self.assertEqual(track["properties"], dict(sent["properties"], **self.server_props("/track")))
+        self.assertEqual(imported["properties"], dict(sent["properties"], **self.server_props("/import")))
 
     def test_invalid_time_is_refused_with_reason(self):
         for bad in ("2026-01-01", None, True, [1]):
@@ -625,7 +634,7 @@ class TestProjects(_ServerTestCase):
         self.assertEqual([e["event"] for e in MP.events()], ["a", "b", "c"])
 
     def test_record_token_wins_over_credentials(self):
-        _http("POST", "/import", json.dumps([_event(token="t1", time=T0)]), _basic("t2"))
+        _http("POST", "/import", json.dumps([_full(token="t1")]), _basic("t2"))
         self.assertEqual(len(MP.events(project="t1")), 1)
 
     def test_unknown_token_creates_a_project_with_a_stable_id(self):
@@ -640,7 +649,8 @@ class TestProjects(_ServerTestCase):
         with MixpanelFake(projects=[Project("tA", project_id=11, api_secret="sA",
                                            service_accounts={"sa.user": "sa-secret"}),
                                    Project("tB", project_id=22, api_secret="sB")]) as mp:
-            bare = json.dumps({"event": "e", "properties": {"time": T0, "distinct_id": "d"}})
+            bare = json.dumps({"event": "e", "properties": {"time": T0, "distinct_id": "d",
+                                                            "$insert_id": "bare-1"}})
             cases = [("Basic token:", "/import", _basic("tB"), "tB"),
                      ("Basic secret:", "/import", _basic("sA"), "tA"),
                      ("service account + project_id", "/import?project_id=11",
@@ -733,12 +743,12 @@ class TestTransport(_ServerTestCase):
         self.assertEqual(len(self.stored()), 20)
 
     def test_request_line_of_1_5_mb_is_accepted(self):
-        # The Node SDK GETs /track?data=<base64 of the whole event>.
-        big = _event(blob="x" * 1_200_000)
-        path = "/track?data=" + urllib.parse.quote(_b64(big), safe="")
+        # The Node SDK GETs /track?data=<base64 of the whole payload>.
+        batch = [_event(f"E{i}", **{f"p{j}": "x" * 250 for j in range(3)}) for i in range(1400)]
+        path = "/track?data=" + urllib.parse.quote(_b64(batch), safe="")
         self.assertGreater(len(path), 1_500_000)
         self.assertEqual(_http("GET", path)[::2], (200, b"1"))
-        self.assertEqual(len(self.stored()[0]["properties"]["blob"]), 1_200_000)
+        self.assertEqual(len(self.stored()), 1400)
 
     def test_request_line_over_the_cap_is_414(self):
         status, _, body = _http("GET", "/track?data=" + "a" * (mixpanel_fake._MAX_REQUEST_LINE + 10))
@@ -933,8 +943,8 @@ class TestCli(unittest.TestCase):
         self.assertEqual([p["token"] for p in projects], ["envtok"])
         self.assertNotIn(b"envsecret", body)
         # The secret authenticates an import into that project.
-        _http("POST", "/import", json.dumps({"event": "e", "properties": {"time": T0}}),
-              _basic("envsecret"), port=port)
+        _http("POST", "/import", json.dumps({"event": "e", "properties": {
+            "time": 1_700_000_000, "distinct_id": "d", "$insert_id": "env-1"}}), _basic("envsecret"), port=port)
         _, _, body = _http("GET", "/__parlel/events?project=envtok", port=port)
         self.assertEqual(json.loads(body)["count"], 1)
 
@@ -1085,7 +1095,10 @@ class TestNodeSdk(_ServerTestCase):
 
     def test_track_lands_as_sent(self):
         self.node([["track", "Clicked", {"distinct_id": "u1", "button": "buy", "n": 1.5}]])
-        self.assertEqual(MP.events(), [{"event": "Clicked", "properties": dict(
+        (event,) = MP.events()
+        # Node sends no $insert_id; Mixpanel generates one (R-dedup).
+        self.assertRegex(event["properties"].pop("$insert_id"), r"^[0-9a-f]{32}$")
+        self.assertEqual([event], [{"event": "Clicked", "properties": dict(
             {"distinct_id": "u1", "button": "buy", "n": 1.5, "token": TOKEN, "mp_lib": "node",
              "$lib_version": "0.24.0", "time": T0}, **self.server_props())}])
 
