@@ -620,6 +620,443 @@ class TestGroups(_ServerTestCase):
 
 
 # =============================================================================
+# Fidelity: Mixpanel's validation rules (ingestion-api.md §11), one row each
+# =============================================================================
+
+DAY = 86400
+TIME_ERR = "'properties.time' is invalid: "
+PLACEHOLDERS = ["00000000-0000-0000-0000-000000000000", "anon", "Anonymous", "nil", "None", "NULL",
+                "n/a", "na", "undefined", "unknown", "<nil>", "0", "-1", "true", "false", "[]", "{}",
+                "lmy47d"]
+
+
+def _post(path, records, query=""):
+    """POST records as a JSON body; returns (status, decoded answer)."""
+    status, _, body = _http("POST", path + query, json.dumps(records),
+                            {"Content-Type": "application/json"})
+    try:
+        return status, json.loads(body)
+    except ValueError:
+        return status, body.decode()
+
+
+class TestValidation(_ServerTestCase):
+    """Each row: (rule and source, path, event, stored?, refusal field and reason)."""
+
+    ROWS = [
+        # R-track "Last 5 days only"; mixpanel-node #190 (a bare 0).
+        ("track: older than 5 days", "/track", _event(time=T0 - 5 * DAY - 1), False,
+         ("properties.time", TIME_ERR + "/track only accepts events from the last 5 days; "
+                                        "send older events to /import")),
+        ("track: exactly 5 days old", "/track", _event(time=T0 - 5 * DAY), True, None),
+        # R-import: any time after 1971-01-01, at most 1 h ahead.
+        ("import: before 1971", "/import", _full(time=31535999), False,
+         ("properties.time", TIME_ERR + "must not be before 1971-01-01")),
+        ("import: 1971-01-01 exactly", "/import", _full(time=31536000), True, None),
+        ("import: more than 1 h ahead", "/import", _full(time=T0 + 3601), False,
+         ("properties.time", TIME_ERR + "must not be in the future")),
+        ("import: 1 h ahead exactly", "/import", _full(time=T0 + 3600), True, None),
+        ("import: time in ms, 1 h ahead", "/import", _full(time=(T0 + 3600) * 1000), True, None),
+        # AK's tests and the Go SDK's mocks: "'event' must not be missing or blank".
+        ("blank event name", "/track", _event("  "), False,
+         ("event", "'event' must not be missing or blank")),
+        ("missing event name", "/import", {"properties": _full()["properties"]}, False,
+         ("event", "'event' must not be missing or blank")),
+        # R-import / OAS: strict /import requires time, distinct_id and $insert_id.
+        ("strict import: no time", "/import", _full(time=None), False,
+         ("properties.time", TIME_ERR + "must be specified as seconds since epoch")),
+        ("strict import: time missing", "/import", {"event": "e", "properties": {
+            "token": TOKEN, "distinct_id": "d", "$insert_id": "x1"}}, False,
+         ("properties.time", TIME_ERR + "must not be missing")),
+        ("strict import: distinct_id missing", "/import", {"event": "e", "properties": {
+            "token": TOKEN, "time": T0, "$insert_id": "x1"}}, False,
+         ("properties.distinct_id", "'properties.distinct_id' is invalid: must not be missing")),
+        ("strict import: $insert_id missing", "/import", {"event": "e", "properties": {
+            "token": TOKEN, "time": T0, "distinct_id": "d"}}, False,
+         ("properties.$insert_id", "'properties.$insert_id' is invalid: must not be missing")),
+        # AK's probes: in a Simplified project $device_id/$user_id stand in for distinct_id.
+        ("strict import: $device_id instead of distinct_id", "/import", {"event": "e", "properties": {
+            "token": TOKEN, "time": T0, "$insert_id": "x1", "$device_id": "dev"}}, True, None),
+        # R-import: "" is allowed (excluded from user analysis).
+        ("empty distinct_id", "/import", _full(distinct_id=""), True, None),
+        ("distinct_id of the wrong type", "/track", _event(distinct_id={"id": 1}), False,
+         ("properties.distinct_id", "'properties.distinct_id' is invalid: must be a string")),
+        # R-import: $insert_id is at most 36 bytes of [A-Za-z0-9-].
+        ("$insert_id of 36 characters", "/import", _full(**{"$insert_id": "a" * 36}), True, None),
+        ("$insert_id of 37 characters", "/import", _full(**{"$insert_id": "a" * 37}), False,
+         ("properties.$insert_id", "'properties.$insert_id' is invalid: "
+                                   "must be at most 36 bytes of letters, digits and '-'")),
+        ("$insert_id with a colon", "/track", _event(**{"$insert_id": "a:b"}), False,
+         ("properties.$insert_id", "'properties.$insert_id' is invalid: "
+                                   "must be at most 36 bytes of letters, digits and '-'")),
+        ("$insert_id placeholder", "/import", _full(**{"$insert_id": "undefined"}), False,
+         ("properties.$insert_id", "'properties.$insert_id' is invalid: 'undefined' is a placeholder, "
+                                   "not an id")),
+        # R-track limits: fewer than 255 properties (token counts), nested < 255 keys,
+        # arrays < 255 elements; D-types: depth 3, 8KB per list or object.
+        ("254 properties", "/track", _event(**{f"p{i}": i for i in range(253)}), True, None),
+        ("255 properties", "/track", _event(**{f"p{i}": i for i in range(254)}), False,
+         ("properties", "'properties' is invalid: must have fewer than 255 properties")),
+        ("nested object of 255 keys", "/track", _event(obj={f"k{i}": 1 for i in range(255)}), False,
+         ("properties.obj", "'properties.obj' is invalid: objects must have fewer than 255 keys")),
+        ("array of 255 elements", "/track", _event(arr=list(range(255))), False,
+         ("properties.arr", "'properties.arr' is invalid: arrays must have fewer than 255 elements")),
+        ("array of 254 elements", "/track", _event(arr=list(range(254))), True, None),
+        ("depth 3", "/track", _event(a={"b": {"c": [1]}}), True, None),
+        ("depth 4", "/track", _event(a={"b": {"c": {"d": {"e": 1}}}}), False,
+         ("properties.a.b.c.d", "'properties.a.b.c.d' is invalid: objects and lists may nest at most 3 deep")),
+        ("list over 8KB", "/track", _event(big=["x" * 200] * 41), False,
+         ("properties.big", "'properties.big' is invalid: list and object properties must be at most 8KB")),
+        ("list under 8KB", "/track", _event(big=["x" * 200] * 39), True, None),
+    ] + [
+        # R-import's placeholder list, case-insensitive (AK's copy of it).
+        (f"placeholder distinct_id {value!r}", path, _full(distinct_id=value), False,
+         ("properties.distinct_id", f"'properties.distinct_id' is invalid: {value!r} is a placeholder, "
+                                    "not an id"))
+        for value in PLACEHOLDERS for path in ("/track", "/import")
+    ]
+
+    def test_rules(self):
+        for label, path, record, stored, refusal in self.ROWS:
+            with self.subTest(label):
+                MP.reset()
+                status, answer = _post(path, [record])
+                if path == "/track":
+                    self.assertEqual((status, answer), (200, 1 if stored else 0))
+                elif stored:
+                    self.assertEqual((status, answer), (200, {"code": 200, "num_records_imported": 1,
+                                                              "status": "OK"}))
+                else:
+                    self.assertEqual((status, answer["num_records_imported"]), (400, 0))
+                    (failed,) = answer["failed_records"]
+                    self.assertEqual((failed["index"], failed["field"], failed["message"]), (0, *refusal))
+                self.assertEqual(len(MP.events()), 1 if stored else 0)
+                if refusal:
+                    (record_kept,) = MP.rejected()
+                    self.assertEqual((record_kept["field"], record_kept["reason"], record_kept["endpoint"],
+                                      record_kept["record"]), (*refusal, path, record))
+
+    def test_track_future_time_is_overwritten_with_now(self):
+        _post("/track", [_event(time=T0 + 3600)])
+        self.assertEqual(MP.events()[0]["properties"]["time"], T0)
+
+    def test_non_strict_import_fills_what_strict_requires(self):
+        # The Python SDK's merge sends no time, distinct_id or $insert_id (sdks.md §1.2).
+        body = _form(data=json.dumps([{"event": "e", "properties": {"token": TOKEN}}]), verbose=1)
+        self.assertEqual(_json("POST", "/import", body), (200, {"status": 1, "error": None}))
+        props = MP.events()[0]["properties"]
+        self.assertEqual(props["time"], T0)
+        self.assertNotIn("distinct_id", props)
+        self.assertRegex(props["$insert_id"], r"^[0-9a-f]{32}$")
+
+    def test_strict_is_by_dialect_and_parameter(self):
+        bare = [{"event": "e", "properties": {"token": TOKEN, "time": T0}}]  # no distinct_id, no $insert_id
+        cases = [("/import", "json", "", 400), ("/import", "json", "?strict=0", 200),
+                 ("/import", "form", "", 200), ("/import", "form", "?strict=1", 400)]
+        for path, dialect, query, status in cases:
+            with self.subTest(dialect=dialect, query=query):
+                MP.reset()
+                if dialect == "json":
+                    got = _http("POST", path + query, json.dumps(bare))[0]
+                else:
+                    got = _http("POST", path + query, _form(data=json.dumps(bare)))[0]
+                self.assertEqual(got, status)
+                self.assertEqual(len(MP.events()), 1 if status == 200 else 0)
+
+    def test_strict_partial_failure_keeps_the_valid_records(self):
+        batch = [_full("ok1"), _full("bad", time=T0 + 7200), _full("ok2")]
+        status, answer = _post("/import", batch)
+        self.assertEqual((status, answer["num_records_imported"], answer["status"]), (400, 2, "Bad Request"))
+        self.assertEqual(answer["failed_records"], [{
+            "index": 1, "insert_id": batch[1]["properties"]["$insert_id"], "field": "properties.time",
+            "message": TIME_ERR + "must not be in the future"}])
+        self.assertEqual([e["event"] for e in MP.events()], ["ok1", "ok2"])
+
+    def test_non_strict_answers_1_if_any_landed_else_0(self):
+        self.assertEqual(_post("/track", [_event(time=T0 - 6 * DAY), _event()]), (200, 1))
+        self.assertEqual(_post("/track?verbose=1", [_event(time=T0 - 6 * DAY)]), (200, {
+            "status": 0, "error": TIME_ERR + "/track only accepts events from the last 5 days; "
+                                             "send older events to /import"}))
+
+    def test_invalid_utf8_is_refused_per_field(self):
+        # R-import: "properties.utm_source is invalid: string should be valid utf8".
+        good = json.dumps(_event("ok")).encode()
+        bad = b'{"event":"bad","properties":{"token":"' + TOKEN.encode() + b'","utm_source":"a\xffb"}}'
+        bad = bad.replace(b"\\xff", b"\xff")
+        for label, body in [("raw bytes", b"[" + good + b"," + bad + b"]"),
+                            ("lone surrogate", b"[" + good + b",{\"event\":\"bad\",\"properties\":"
+                             b"{\"token\":\"" + TOKEN.encode() + b"\",\"utm_source\":\"\\ud800\"}}]")]:
+            with self.subTest(label):
+                MP.reset()
+                status, _, answer = _http("POST", "/track?verbose=1", body)
+                self.assertEqual(json.loads(answer), {"status": 1, "error": None})
+                self.assertEqual([e["event"] for e in MP.events()], ["ok"])
+                (record,) = MP.rejected()
+                self.assertEqual((record["field"], record["reason"]),
+                                 ("properties.utm_source", "properties.utm_source is invalid: "
+                                                           "string should be valid utf8"))
+
+    def test_strings_and_names_truncated_to_255_characters(self):
+        # R-import "Common Issues": truncated to 255 characters (code points, not bytes).
+        long_name = "n" * 300
+        props = {"ascii": "a" * 300, "emoji": "😀" * 300, "cjk": "漢" * 256, "short": "é" * 255,
+                 long_name: 1, "nested": ["b" * 256, {"deep": "c" * 400}]}
+        _post("/track", [_event(**props)])
+        stored = MP.events()[0]["properties"]
+        self.assertEqual(stored["ascii"], "a" * 255)
+        self.assertEqual(stored["emoji"], "😀" * 255)
+        self.assertEqual(len(stored["emoji"].encode("utf-8")), 1020)
+        self.assertEqual(stored["cjk"], "漢" * 255)
+        self.assertEqual(stored["short"], "é" * 255)
+        self.assertEqual(stored["n" * 255], 1)
+        self.assertNotIn(long_name, stored)
+        self.assertEqual(stored["nested"], ["b" * 255, {"deep": "c" * 255}])
+        _engage({"$set": {"bio": "z" * 300, long_name: "v"}, "$ignore_time": True})
+        self.assertEqual(MP.profile("u"), {"bio": "z" * 255, "n" * 255: "v"})
+
+    def test_ignore_drops_the_event_without_an_error(self):
+        # D-bot / D-reserved: $ignore makes ingestion drop the event silently.
+        self.assertEqual(_post("/track", [_event(**{"$ignore": True})]), (200, 1))
+        self.assertEqual(_post("/import", [_full(**{"$ignore": True}), _full("kept")]),
+                         (200, {"code": 200, "num_records_imported": 2, "status": "OK"}))
+        self.assertEqual([e["event"] for e in MP.events()], ["kept"])
+        dropped = MP.rejected()
+        self.assertEqual([(r["dropped"], r["reason"]) for r in dropped],
+                         [(True, "$ignore is set: Mixpanel drops the event")] * 2)
+
+    def test_batches_over_2000_records_are_413(self):
+        batch = [_full(str(i)) for i in range(2001)]
+        self.assertEqual(_post("/import", batch), (413, {
+            "code": 413, "error": "request exceeds max limit of 2000 records (it has 2001)",
+            "status": "Request Entity Too Large"}))
+        self.assertEqual(_post("/track", batch), (413, 0))
+        self.assertEqual(_post("/engage?verbose=1", [{"$token": TOKEN, "$distinct_id": "u", "$set": {}}] * 2001),
+                         (413, {"status": 0, "error": "request exceeds max limit of 2000 records (it has 2001)"}))
+        self.assertEqual(MP.events(), [])
+        self.assertEqual(_post("/import", batch[:2000])[1]["num_records_imported"], 2000)
+
+    def test_event_over_1mb_is_refused_in_failed_records(self):
+        # The 413 page: an oversized event "may be reported in failed_records on a 400".
+        big = _full("big", **{f"p{i}": ["x" * 250] * 30 for i in range(140)})
+        status, answer = _post("/import", [big, _full("small")])
+        self.assertEqual((status, answer["num_records_imported"]), (400, 1))
+        self.assertEqual(answer["failed_records"][0]["message"],
+                         "event is invalid: must be smaller than 1MB of uncompressed JSON")
+
+    def test_body_over_10mb_is_413_with_mixpanels_body(self):
+        body = b"[" + b" " * (10 * 1024 * 1024) + b"]"
+        status, _, answer = _http("POST", "/import", body, {"Content-Type": "application/json"})
+        self.assertEqual((status, json.loads(answer)), (413, {
+            "code": 413, "error": "request exceeds max limit of 10485760 bytes",
+            "status": "Request Entity Too Large"}))
+
+    def test_profile_of_more_than_2000_properties_is_refused(self):
+        _engage({"$set": {f"p{i}": i for i in range(1999)}, "$ignore_time": True})
+        self.assertEqual(len(MP.profile("u")), 1999)
+        self.assertEqual(_engage({"$set": {"a": 1, "b": 2}, "$ignore_time": True})[2], b"0")
+        self.assertEqual(len(MP.profile("u")), 1999)
+        self.assertEqual(MP.rejected()[0]["reason"],
+                         "Engage API error: profile would have 2001 properties; the limit is 2000")
+
+
+class TestDedup(_ServerTestCase):
+    """R-dedup: reports count one event per (event, distinct_id, time, $insert_id)."""
+
+    def test_duplicates_collapse_in_reports_but_not_in_raw_storage(self):
+        first = _full("Paid", amount=1, **{"$insert_id": "same"})
+        again = _full("Paid", amount=2, **{"$insert_id": "same"})
+        other_time = _full("Paid", amount=3, time=T0 - 30, **{"$insert_id": "same"})
+        _post("/import", [first, _full("Other"), again, other_time])
+        self.assertEqual([e["event"] for e in MP.events()], ["Paid", "Other", "Paid", "Paid"])
+        deduped = MP.events(dedup=True)
+        self.assertEqual([(e["event"], e["properties"].get("amount")) for e in deduped],
+                         [("Other", None), ("Paid", 2), ("Paid", 3)])
+        _, listing = _json("GET", "/__parlel/events?dedup=1")
+        self.assertEqual(listing["count"], 3)
+
+    def test_events_without_insert_id_are_never_merged(self):
+        _post("/track", [_event("Tap", distinct_id="u", time=T0), _event("Tap", distinct_id="u", time=T0)])
+        self.assertEqual(len(MP.events(dedup=True)), 2)
+
+    def test_same_key_in_two_projects_is_two_events(self):
+        _post("/import", [_full("E", token="p1", **{"$insert_id": "k"}),
+                          _full("E", token="p2", **{"$insert_id": "k"})])
+        self.assertEqual(len(MP.events(dedup=True)), 2)
+
+
+class TestIdentitySimplified(_ServerTestCase):
+    """D-idm (Simplified ID Merge, the default) and AK's probes."""
+
+    def test_distinct_id_comes_from_user_id_or_device_id(self):
+        _post("/track", [_event("a", **{"$device_id": "D1"}),
+                         _event("b", distinct_id="ignored", **{"$user_id": "U1", "$device_id": "D1"}),
+                         _event("c", **{"$device_id": "$device:D2"}),
+                         _event("d", distinct_id="plain")])
+        self.assertEqual([(e["properties"].get("distinct_id"), e["properties"].get("$device_id"))
+                          for e in MP.events()],
+                         [("$device:D1", "D1"), ("U1", "D1"), ("$device:D2", "D2"), ("plain", None)])
+
+    def test_first_pair_links_the_device_for_good(self):
+        _post("/track", [_event("anon", **{"$device_id": "D"}),
+                         _event("login", **{"$device_id": "D", "$user_id": "U"}),
+                         _event("other login", **{"$device_id": "D", "$user_id": "V"})])
+        self.assertEqual(MP.canonical("$device:D"), "U")
+        self.assertEqual(MP.canonical("U"), "U")
+        self.assertEqual(MP.canonical("V"), "V")
+        last = MP.events()[-1]["properties"]
+        self.assertEqual((last["distinct_id"], last["$identity_failure_reason"]),
+                         ("V", "errAnonDistinctIdAssignedAlready"))
+
+    def test_many_devices_one_user_and_users_never_merge(self):
+        _post("/track", [_event(**{"$device_id": f"D{i}", "$user_id": "U"}) for i in range(600)])
+        self.assertEqual({MP.canonical(f"$device:D{i}") for i in range(600)}, {"U"})
+        _post("/import", [_full("$merge", **{"$distinct_ids": ["U", "W"]})], "?strict=0")
+        self.assertEqual(MP.canonical("W"), "W")
+
+    def test_profiles_stay_on_the_id_they_were_set_on(self):
+        # D-idm FAQ: device profiles are not carried over when the device is linked.
+        _http("POST", "/engage", json.dumps({"$token": TOKEN, "$distinct_id": "$device:D",
+                                             "$set": {"anon": True}, "$ignore_time": True}))
+        _post("/track", [_event(**{"$device_id": "D", "$user_id": "U"})])
+        _http("POST", "/engage", json.dumps({"$token": TOKEN, "$distinct_id": "$device:D",
+                                             "$set": {"later": 1}, "$ignore_time": True}))
+        self.assertEqual(MP.profiles(), {"$device:D": {"anon": True, "later": 1}})
+
+    def test_identity_events_refuse_a_strict_import_whole(self):
+        batch = [_full("fine"), _full("$identify", **{"$identified_id": "U", "$anon_id": "A"})]
+        self.assertEqual(_post("/import", batch), (400, {
+            "code": 400, "error": "some data points in the request failed validation",
+            "failed_records": ["identity events are not allowed when project is using simplified "
+                               "identity management"], "num_records_imported": 0, "status": "Bad Request"}))
+        self.assertEqual(MP.events(), [])
+        self.assertEqual([r["index"] for r in MP.rejected()], [0, 1])
+
+    def test_identity_events_elsewhere_are_ordinary_events(self):
+        _post("/track", [_event("$identify", distinct_id="U", **{"$identified_id": "U", "$anon_id": "A"}),
+                         _event("$create_alias", distinct_id="U", alias="B")])
+        self.assertEqual(len(MP.events()), 2)
+        self.assertEqual((MP.canonical("A"), MP.canonical("B")), ("A", "B"))
+
+
+ORIGINAL = "tok_original"
+UUID_A = "3f2b9c1e-7d4a-4f6b-9a2c-1e5d7b8c9a01"
+UUID_B = "8c1d2e3f-4a5b-4c6d-8e7f-9a0b1c2d3e4f"
+
+
+class TestIdentityOriginal(_ServerTestCase):
+    """Original ID Merge: R-ident, D-idm, and the failure reasons of
+    Mixpanel's identity-merge FAQ ($failure_reason / $failure_description)."""
+
+    def setUp(self):
+        super().setUp()
+        MP.add_project(Project(ORIGINAL, id_merge="original"))
+        self.addCleanup(MP.reset, ORIGINAL)
+
+    def track(self, name, **props):
+        return _post("/track", [_event(name, token=ORIGINAL, **props)])
+
+    def props(self, index=-1):
+        return MP.events(project=ORIGINAL)[index]["properties"]
+
+    def test_identify_merges_a_uuid4_anon_id(self):
+        self.assertEqual(self.track("$identify", **{"$identified_id": "user-1", "$anon_id": UUID_A}), (200, 1))
+        self.assertEqual(MP.canonical(UUID_A, project=ORIGINAL), "user-1")
+        self.assertEqual(self.props()["distinct_id"], "user-1")  # inferred from $identified_id
+        self.assertNotIn("$failure_reason", self.props())
+
+    def test_identify_failures_are_accepted_and_explained(self):
+        cases = [
+            ({"$identified_id": "u", "$anon_id": "not-a-uuid"}, "errAnonDistinctIdNonGUIDForm",
+             "$anon_distinct_id didn't match expected GUID pattern: not-a-uuid"),
+            ({"$identified_id": UUID_A, "$anon_id": UUID_A}, "errSameIDs",
+             f"Identified and anon ID are same in the identify request {UUID_A}"),
+        ]
+        for props, reason, description in cases:
+            with self.subTest(reason):
+                MP.reset(ORIGINAL)
+                self.assertEqual(self.track("$identify", **props), (200, 1))
+                self.assertEqual((self.props()["$failure_reason"], self.props()["$failure_description"]),
+                                 (reason, description))
+                self.assertEqual(MP.canonical(props["$anon_id"], project=ORIGINAL), props["$anon_id"])
+
+    def test_anon_id_identified_twice(self):
+        self.track("$identify", **{"$identified_id": "u1", "$anon_id": UUID_A})
+        self.track("$identify", **{"$identified_id": "u2", "$anon_id": UUID_A})
+        self.assertEqual(self.props()["$failure_reason"], "errAnonDistinctIdAssignedAlready")
+        self.assertEqual(self.props()["$failure_description"], f"$anon_distinct_id already identified: {UUID_A}")
+        self.assertEqual(MP.canonical(UUID_A, project=ORIGINAL), "u1")
+        self.track("$identify", **{"$identified_id": "u1", "$anon_id": UUID_A})
+        self.assertNotIn("$failure_reason", self.props())
+
+    def test_create_alias_maps_one_way_and_once(self):
+        self.track("$create_alias", distinct_id="user-1", alias="a@example.com")
+        self.assertEqual(MP.canonical("a@example.com", project=ORIGINAL), "user-1")
+        self.track("$create_alias", distinct_id="user-2", alias="a@example.com")
+        self.assertEqual((self.props()["$failure_reason"], self.props()["$failure_description"]),
+                         ("errAliasAlreadyExists", "alias already exists with the id"))
+        self.assertEqual(MP.canonical("a@example.com", project=ORIGINAL), "user-1")
+        self.assertEqual(MP.canonical("user-2", project=ORIGINAL), "user-2")
+
+    def test_merge_only_through_import(self):
+        merge = _full("$merge", token=ORIGINAL, **{"$distinct_ids": ["a", "b"]})
+        self.assertEqual(_post("/track?verbose=1", [merge]),
+                         (200, {"status": 0, "error": "$merge is only accepted by /import"}))
+        self.assertEqual(_post("/import", [merge])[0], 200)
+        self.assertEqual(MP.canonical("b", project=ORIGINAL), "a")
+        bad = _full("$merge", token=ORIGINAL, **{"$distinct_ids": ["a"]})
+        self.assertEqual(_post("/import", [bad])[1]["failed_records"][0]["message"],
+                         "'properties.$distinct_ids' is invalid: must hold exactly 2 distinct_ids")
+
+    def test_clusters_cap_at_500_ids(self):
+        merges = [_full("$merge", token=ORIGINAL, **{"$distinct_ids": ["hub", f"id{i}"]}) for i in range(498)]
+        _post("/import", merges)
+        _post("/import", [_full("$merge", token=ORIGINAL, **{"$distinct_ids": ["x", "y"]}),
+                          _full("$merge", token=ORIGINAL, **{"$distinct_ids": ["hub", "x"]})])
+        self.assertEqual((self.props()["$failure_reason"], self.props()["$failure_description"]),
+                         ("errManyIDs", "too many distinctIDs mapped together, Cluster size: 501 Max limit: 500"))
+        self.assertEqual(MP.canonical("x", project=ORIGINAL), "x")
+        _post("/import", [_full("$merge", token=ORIGINAL, **{"$distinct_ids": ["hub", "z"]})])
+        self.assertEqual(MP.canonical("z", project=ORIGINAL), "hub")  # 500 exactly is allowed
+
+    def engage(self, distinct_id, **update):
+        return _http("POST", "/engage", json.dumps(dict(
+            {"$token": ORIGINAL, "$distinct_id": distinct_id, "$ignore_time": True}, **update)))
+
+    def test_profiles_follow_the_cluster(self):
+        self.engage(UUID_A, **{"$set": {"anon": 1}})
+        self.track("$identify", **{"$identified_id": "u", "$anon_id": UUID_A})
+        # Only the absorbed id had a profile: it moves to the canonical id.
+        self.assertEqual(MP.profiles(project=ORIGINAL), {"u": {"anon": 1}})
+        self.engage(UUID_A, **{"$set": {"via_anon": 2}})
+        self.assertEqual(MP.profiles(project=ORIGINAL), {"u": {"anon": 1, "via_anon": 2}})
+        # $ignore_alias applies to the literal id (OAS delete-profile).
+        self.engage(UUID_A, **{"$set": {"literal": 3}, "$ignore_alias": True})
+        self.assertEqual(MP.profile(UUID_A, project=ORIGINAL), {"literal": 3})
+        # $delete follows the alias to the canonical profile.
+        self.engage(UUID_A, **{"$delete": ""})
+        self.assertEqual(MP.profiles(project=ORIGINAL), {UUID_A: {"literal": 3}})
+
+    def test_merging_two_profiles_keeps_the_canonical_ones(self):
+        self.engage("a", **{"$set": {"who": "a"}})
+        self.engage("b", **{"$set": {"who": "b"}})
+        _post("/import", [_full("$merge", token=ORIGINAL, **{"$distinct_ids": ["a", "b"]})])
+        self.assertEqual(MP.profiles(project=ORIGINAL), {"a": {"who": "a"}})
+
+    def test_identity_events_need_their_properties(self):
+        self.assertEqual(_post("/track?verbose=1", [_event("$identify", token=ORIGINAL, **{"$anon_id": UUID_A})]),
+                         (200, {"status": 0, "error": "'properties.$identified_id' is invalid: must not be missing"}))
+        self.assertEqual(_post("/track?verbose=1", [_event("$create_alias", token=ORIGINAL, distinct_id="u")]),
+                         (200, {"status": 0, "error": "'properties.alias' is invalid: must not be missing"}))
+
+    def test_strict_import_without_distinct_id_is_refused(self):
+        # AK: Original projects answer "'properties.distinct_id' is invalid: must not be missing".
+        record = {"event": "e", "properties": {"token": ORIGINAL, "time": T0, "$insert_id": "i1",
+                                               "$device_id": "D"}}
+        self.assertEqual(_post("/import", [record])[1]["failed_records"][0]["message"],
+                         "'properties.distinct_id' is invalid: must not be missing")
+
+
+# =============================================================================
 # Projects and credentials (README: "Credentials")
 # =============================================================================
 
