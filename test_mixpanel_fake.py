@@ -1469,6 +1469,14 @@ class TestPythonSdk(_ServerTestCase):
         self.assertEqual(event["properties"]["$distinct_ids"], ["anon-1", "user-1"])
         self.assertEqual(event["properties"]["token"], TOKEN)
 
+    def test_merge_joins_clusters_in_an_original_project(self):
+        MP.add_project(Project("py_original", id_merge="original"))
+        self.addCleanup(MP.reset, "py_original")
+        client = mixpanel.Mixpanel("py_original", consumer=mixpanel.Consumer(retry_limit=0, **MP.urls))
+        client.merge(None, "device-1", "user-1", api_secret="sec")
+        self.assertEqual(MP.canonical("user-1", project="py_original"), "device-1")
+        self.assertNotIn("$failure_reason", MP.events(project="py_original")[0]["properties"])
+
     def test_every_people_operator(self):
         c = self.client
         c.people_set("u", {"name": "Ada", "plan": "free"})
