@@ -26,6 +26,7 @@ import datetime
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import selectors
@@ -37,7 +38,7 @@ import time
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
-from urllib.parse import unquote, unquote_plus, urlsplit
+from urllib.parse import unquote, unquote_plus
 
 __version__ = "0.2.0"
 
@@ -61,6 +62,7 @@ _log = logging.getLogger("mixpanel_fake")
 #: The port the CLI listens on (the seed's contract; the library uses port 0).
 DEFAULT_PORT = 4808
 _DEFAULT_HOST = "127.0.0.1"
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 # The Node SDK sends every single call as a GET with the whole base64 payload
 # in the query string; an event near Mixpanel's 1 MB limit is ~1.4 MB there.
@@ -72,10 +74,17 @@ _MAX_BODY_BYTES = 10 * 1024 * 1024
 # A body up to this size past the limit is read and dropped before the 413,
 # so the client sees the answer; a bigger one is answered at once.
 _DRAIN_LIMIT = 64 * 1024 * 1024
+# The longest a wait_for_events() call waits (one year: "for ever" in a test).
+_MAX_WAIT = 365 * 86400.0
+# Clients send one gzip member; many tiny ones are an attack, not data.
+_MAX_GZIP_MEMBERS = 64
 # Idle keep-alive connections are closed after this many seconds, so a stalled
 # client cannot pin a server thread for ever.
 _IDLE_TIMEOUT = 15.0
 
+# Times beyond this many seconds (or ms) from 1970 are not times at all.
+_MAX_TIME = 1e15
+_MAX_DOUBLE = sys.float_info.max
 # A `time` above this is milliseconds, below it seconds (1e11 s is year 5138,
 # 1e11 ms is 1973): the SDKs send float seconds (Python, browser) or integer
 # milliseconds (Node Dates, Go, Swift, Java, Ruby).
@@ -124,7 +133,7 @@ _PIXEL_GIF = (
 )
 # A JSONP callback name: the browser SDK uses `mixpanel._jsc["..."]` or
 # `(function(){})`; anything else is refused rather than reflected.
-_CALLBACK_RE = re.compile(r"^[\w$.\[\]\"'(){}]{1,256}$")
+_CALLBACK_RE = re.compile(r"[\w$.\[\]\"'(){}]{1,256}")
 # Standard or URL-safe base64 alphabet, padded.
 _BASE64_RE = re.compile(r"^[A-Za-z0-9+/_-]*={0,2}$")
 
@@ -316,7 +325,8 @@ class Store:
         return self._clock() if pinned is None else pinned
 
     def set_time(self, ts: float | None) -> None:
-        self._pinned = None if ts is None else float(ts)
+        """Pin the clock at epoch seconds (or milliseconds, by magnitude)."""
+        self._pinned = None if ts is None else float(_normalize_time(ts))
 
     # --- projects -----------------------------------------------------------
 
@@ -380,7 +390,10 @@ class Store:
                 props = event["properties"]
                 if event["event"] in _IDENTITY_EVENTS or (
                         "$user_id" in props and "$device_id" in props):
-                    _apply_identity(project.id_merge, state, event)
+                    try:
+                        _apply_identity(project.id_merge, state, event)
+                    except Exception as exc:  # a bug in the fake: store the event, report it
+                        self.errors.append(exc)
                 state.events.append(event)
                 state.event_ids.append(self._next_id)
                 self._next_id += 1
@@ -421,7 +434,11 @@ class Store:
                         key = state.identity.resolve(key)
                 else:
                     table = state.groups
-                error = _apply_ops(table, key, update.ops, update.last_seen)
+                try:
+                    error = _apply_ops(table, key, update.ops, update.last_seen)
+                except Exception as exc:  # a bug in the fake: keep going, report it
+                    self.errors.append(exc)
+                    error = f"mixpanel_fake internal error: {type(exc).__name__}: {exc}"
                 if error is None:
                     applied += 1
                 else:
@@ -512,8 +529,15 @@ def _json_equal(a: Any, b: Any) -> bool:
     return a == b
 
 
-def _contains(items: list, value: Any) -> bool:
-    return any(_json_equal(item, value) for item in items)
+def _json_key(value: Any) -> Any:
+    """A hashable key with `_json_equal`'s equality (true apart from 1)."""
+    if isinstance(value, bool):
+        return ("bool", value)
+    if isinstance(value, (int, float)):
+        return ("number", value)
+    if isinstance(value, str) or value is None:
+        return value
+    return ("json", json.dumps(value, sort_keys=True))
 
 
 def _op_set(props: dict, value: dict) -> None:
@@ -526,11 +550,17 @@ def _op_set_once(props: dict, value: dict) -> None:
 
 
 def _op_add(props: dict, value: dict) -> None:
-    # A missing property counts as 0; a non-numeric one is left alone.
+    # A missing property counts as 0; a non-numeric one is left alone, and
+    # so is a sum no JSON reader could take (beyond a double's range).
     for name, amount in value.items():
         current = props.get(name, 0)
         if isinstance(current, (int, float)) and not isinstance(current, bool):
-            props[name] = current + amount
+            try:
+                total = current + amount
+            except OverflowError:
+                continue
+            if abs(total) <= _MAX_DOUBLE:
+                props[name] = total
 
 
 def _op_append(props: dict, value: dict) -> None:
@@ -552,8 +582,11 @@ def _op_union(props: dict, value: dict) -> None:
             merged = list(current)
         else:
             continue
+        seen = {_json_key(item) for item in merged}
         for item in items:
-            if not _contains(merged, item):
+            key = _json_key(item)
+            if key not in seen:
+                seen.add(key)
                 merged.append(item)
         props[name] = merged
 
@@ -563,7 +596,8 @@ def _op_remove(props: dict, value: dict) -> None:
     for name, item in value.items():
         current = props.get(name)
         if isinstance(current, list):
-            props[name] = [x for x in current if not _json_equal(x, item)]
+            key = _json_key(item)
+            props[name] = [x for x in current if _json_key(x) != key]
 
 
 def _op_unset(props: dict, value: list) -> None:
@@ -778,11 +812,41 @@ class _Response:
 
 
 def _dumps(value: Any) -> bytes:
-    """Compact JSON with Unicode kept raw; lone surrogates fall back to escapes."""
+    """Compact JSON with Unicode kept raw.
+
+    Never fails on what a client could have sent: lone surrogates fall back
+    to escapes, and a refused record too deep or too big to write is clipped.
+    """
     try:
         return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     except UnicodeEncodeError:
         return json.dumps(value, separators=(",", ":")).encode("ascii")
+    except (RecursionError, ValueError):
+        return json.dumps(_clip(value, 32), separators=(",", ":")).encode("ascii")
+
+
+def _clip(value: Any, depth: int) -> Any:
+    """A copy of a JSON value cut at ``depth`` levels, huge ints as text."""
+    if isinstance(value, dict):
+        if depth <= 0:
+            return "<nested too deep to show>"
+        return {k: _clip(v, depth - 1) for k, v in value.items()}
+    if isinstance(value, list):
+        if depth <= 0:
+            return "<nested too deep to show>"
+        return [_clip(v, depth - 1) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 10000:
+        return "<integer too long to show>"
+    return value
+
+
+def _copy(value: Any) -> Any:
+    """A deep copy of a JSON value (dicts and lists), for the Python API."""
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value
 
 
 def _json(status: int, value: Any, headers: dict[str, str] | None = None) -> _Response:
@@ -797,10 +861,18 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
 def _loads(text: str) -> Any:
-    """Strict JSON: no NaN/Infinity; depth and digit bombs become errors."""
+    """Strict JSON: no NaN/Infinity, no number beyond a double's range;
+    depth and digit bombs become errors."""
     try:
-        return json.loads(text, parse_constant=_refuse_constant)
+        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
 
@@ -888,7 +960,7 @@ def _normalize_time(value: Any) -> int | float:
     """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(value)
-    if value != value or value in (float("inf"), float("-inf")):
+    if not math.isfinite(value) or abs(value) > _MAX_TIME:
         raise ValueError(value)
     if abs(value) > _MS_THRESHOLD:
         if isinstance(value, int) and value % 1000 == 0:
@@ -897,9 +969,13 @@ def _normalize_time(value: Any) -> int | float:
     return value
 
 
-def _iso_seconds(ts: float) -> str:
-    """``2026-12-03T18:28:25``: how Mixpanel writes `$last_seen` (UTC, no zone)."""
-    moment = datetime.datetime.fromtimestamp(int(ts), datetime.timezone.utc)
+def _iso_seconds(ts: float) -> str | None:
+    """``2026-12-03T18:28:25``: how Mixpanel writes `$last_seen` (UTC, no
+    zone); None for a time no calendar can show."""
+    try:
+        moment = datetime.datetime.fromtimestamp(int(ts), datetime.timezone.utc)
+    except (OverflowError, ValueError, OSError):
+        return None
     return moment.strftime("%Y-%m-%dT%H:%M:%S")
 
 
@@ -1191,7 +1267,9 @@ def _normalize_update(record: Any, kind: str, fallback_token: str | None,
         # `$last_seen` is the time of the update: its `$time`, else arrival.
         try:
             last_seen = _iso_seconds(_normalize_time(record["$time"]))
-        except (KeyError, ValueError, OverflowError, OSError):
+        except (KeyError, ValueError):
+            last_seen = None
+        if last_seen is None:
             last_seen = _iso_seconds(now)
     return _Update(token, key, ops, last_seen, _flag(record.get("$ignore_alias")), index, record)
 
@@ -1270,10 +1348,16 @@ def _ingest_answer(req: _Request, ok: bool, error: str | None, status: int = 200
         content_type = "text/plain"
     callback = req.param("callback")
     if callback:
-        if not _CALLBACK_RE.match(callback):
-            return _json(400, {"status": 0, "error": "callback, invalid function name"})
         return _Response(status, callback.encode() + b"(" + body + b")", "text/javascript")
     return _Response(status, body, content_type)
+
+
+def _check_callback(req: _Request) -> None:
+    """Refuse a JSONP callback that is not a plain function name, before
+    anything is stored (a retry must not duplicate records)."""
+    callback = req.param("callback")
+    if callback and not _CALLBACK_RE.fullmatch(callback):
+        raise ApiError(400, {"status": 0, "error": "callback, invalid function name"})
 
 
 def _too_many(count: int) -> str:
@@ -1285,6 +1369,7 @@ def _ingest_events(store: Store, req: _Request, endpoint: str) -> _Response:
 
     Every refused record is kept, with its reason, for `mp.rejected()`.
     """
+    _check_callback(req)
     try:
         records, dialect = _read_records(req, ndjson=endpoint == "/import")
     except _PayloadError as exc:
@@ -1372,6 +1457,7 @@ def _import_failure(status: int, error: str) -> _Response:
 
 def _ingest_profiles(store: Store, req: _Request, kind: str, endpoint: str) -> _Response:
     """Decode, check and apply a batch of profile (or group profile) updates."""
+    _check_callback(req)
     now = store.now()
     try:
         records, _ = _read_records(req, ndjson=False)
@@ -1448,7 +1534,7 @@ def _event_matches(event: dict, name: str | None, distinct_id: Any,
     if name is not None and event["event"] != name:
         return False
     props = event["properties"]
-    if distinct_id is not None and not _json_equal(props.get("distinct_id"), distinct_id):
+    if distinct_id is not None and _id_text(props.get("distinct_id")) != _id_text(distinct_id):
         return False
     if properties:
         for key, value in properties.items():
@@ -1556,17 +1642,38 @@ _ROUTES: dict[tuple[str, str], Callable[[Store, _Request], _Response]] = {
     ("GET", "/__parlel/projects"): _parlel_projects,
 }
 
+_INGESTION = frozenset((_track, _import, _engage, _groups))
 _METHODS_BY_PATH: dict[str, list[str]] = {}
 for _method, _path in _ROUTES:
     _METHODS_BY_PATH.setdefault(_path, []).append(_method)
-for _methods in _METHODS_BY_PATH.values():
-    if "GET" in _methods:
-        _methods.append("HEAD")
+for _path, _methods in _METHODS_BY_PATH.items():
+    if "GET" in _methods and _ROUTES[("GET", _path)] not in _INGESTION:
+        _methods.append("HEAD")  # HEAD never stores anything
     _methods.append("OPTIONS")
     _methods.sort()
-del _method, _path, _methods
+del _method, _path, _methods  # noqa: the loop names are not module API
 
 _SLASHES_RE = re.compile(r"/{2,}")
+_DIGITS_RE = re.compile(r"^[0-9]{1,18}$")
+_HEX_RE = re.compile(rb"^[0-9A-Fa-f]{1,16}$")
+
+
+def _split_target(target: str) -> tuple[str, str]:
+    """Path and query of a request target (origin or absolute form).
+
+    No urlsplit: it raises on a stray `[`, and this must never fail.
+    Non-ASCII bytes arrive as latin-1 (http.server's reading); they are
+    read back as the UTF-8 a client meant, invalid bytes kept as surrogates.
+    """
+    target = target.split("#", 1)[0]
+    if "://" in target[:10]:
+        target = target.split("://", 1)[1]
+        slash = target.find("/")
+        target = "/" if slash < 0 else target[slash:]
+    path, _, query = target.partition("?")
+    if not query.isascii():
+        query = query.encode("latin-1", "replace").decode("utf-8", "surrogateescape")
+    return _normalize_path(path), query
 
 
 def _normalize_path(path: str) -> str:
@@ -1581,7 +1688,7 @@ def _route(method: str, path: str) -> Callable[[Store, _Request], _Response]:
     """The handler for a request, or an ApiError: 404 naming the known paths,
     405 with `Allow`."""
     handler = _ROUTES.get(("GET" if method == "HEAD" else method, path))
-    if handler is not None:
+    if handler is not None and not (method == "HEAD" and handler in _INGESTION):
         return handler
     allowed = _METHODS_BY_PATH.get(path)
     if allowed:
@@ -1607,7 +1714,11 @@ def _gunzip(body: bytes, limit: int) -> bytes:
     out = []
     size = 0
     data = body
+    members = 0
     while data:
+        members += 1
+        if members > _MAX_GZIP_MEMBERS:
+            raise _plain_error(400, f"body is not valid gzip: more than {_MAX_GZIP_MEMBERS} members")
         inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
         try:
             chunk = inflater.decompress(data, limit + 1 - size)
@@ -1653,6 +1764,10 @@ class _Handler(BaseHTTPRequestHandler):
         puts whole payloads in GET query strings) and JSON errors."""
         try:
             line = self.rfile.readline(_MAX_REQUEST_LINE + 1)
+            if line in (b"\r\n", b"\n"):
+                # RFC 9112 §2.2: ignore an empty line before a request line
+                # (a stray CRLF after a body, from some clients).
+                line = self.rfile.readline(_MAX_REQUEST_LINE + 1)
         except (OSError, ValueError):
             self.close_connection = True
             return
@@ -1680,15 +1795,24 @@ class _Handler(BaseHTTPRequestHandler):
         store = self.server.store
         started = time.perf_counter()
         try:
-            parts = urlsplit(self.path)
-            path = _normalize_path(parts.path)
-            body = self._read_body()
+            try:
+                body = self._read_body()
+            except socket.timeout:
+                self.close_connection = True
+                raise _plain_error(408, "the client stopped sending its body") from None
+            except OSError:
+                self.close_connection = True  # the client went away: nobody to answer
+                return
+            path, query = _split_target(self.path)
+            if self.server.closing:
+                self.close_connection = True
+                raise _plain_error(503, "mixpanel_fake is shutting down")
             if self.command == "OPTIONS":
                 response = self._preflight(path)
             else:
                 handler = _route(self.command, path)
                 client = self.client_address[0] if self.client_address else ""
-                request = _Request(self.command, path, parts.query, self.headers, body, client)
+                request = _Request(self.command, path, query, self.headers, body, client)
                 response = handler(store, request)
         except ApiError as exc:
             response = _error_response(exc)
@@ -1703,24 +1827,24 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _read_body(self) -> bytes:
         """The body per Content-Length or chunked framing, inflated if gzip."""
-        encoding = (self.headers.get("Transfer-Encoding") or "").lower()
+        codings = [c.strip().lower() for value in self.headers.get_all("Transfer-Encoding") or []
+                   for c in value.split(",") if c.strip()]
         lengths = self.headers.get_all("Content-Length") or []
-        if "chunked" in encoding:
+        if codings:
+            # RFC 9112 §6.1: chunked must be the last coding; nothing else here.
+            if codings[-1] != "chunked" or any(c not in ("chunked", "identity") for c in codings):
+                self.close_connection = True
+                raise _plain_error(501, "unsupported Transfer-Encoding: "
+                                        + _header_safe(", ".join(codings)))
             if lengths:
                 self.close_connection = True
                 raise _plain_error(400, "both Content-Length and chunked Transfer-Encoding")
             body = self._read_chunked()
         elif lengths:
-            if len({v.strip() for v in lengths}) > 1:
+            if len({v.strip() for v in lengths}) > 1 or not _DIGITS_RE.match(lengths[0].strip()):
                 self.close_connection = True
-                raise _plain_error(400, "conflicting Content-Length headers")
-            try:
-                length = int(lengths[0])
-                if length < 0:
-                    raise ValueError(length)
-            except ValueError:
-                self.close_connection = True
-                raise _plain_error(400, "invalid Content-Length") from None
+                raise _plain_error(400, "invalid Content-Length")
+            length = int(lengths[0])
             if length > _MAX_BODY_BYTES:
                 self.close_connection = True
                 if length <= _DRAIN_LIMIT:
@@ -1753,13 +1877,11 @@ class _Handler(BaseHTTPRequestHandler):
         total = 0
         while True:
             line = self.rfile.readline(1024)
-            try:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-                if size < 0:
-                    raise ValueError(size)
-            except ValueError:
+            size_text = line.split(b";", 1)[0].strip()
+            if not _HEX_RE.match(size_text):
                 self.close_connection = True
-                raise _plain_error(400, "malformed chunked body") from None
+                raise _plain_error(400, "malformed chunked body")
+            size = int(size_text, 16)
             if size == 0:
                 while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
                     pass
@@ -1811,6 +1933,8 @@ class _Handler(BaseHTTPRequestHandler):
             lines.append("Vary: Origin")
         if self.close_connection:
             lines.append("Connection: close")
+        elif getattr(self, "request_version", "") == "HTTP/1.0":
+            lines.append("Connection: keep-alive")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
         send_body = status not in (204, 304) and self.command != "HEAD"
         try:
@@ -1887,8 +2011,11 @@ class _Server(ThreadingHTTPServer):
         self._stopped.clear()
         try:
             with selectors.DefaultSelector() as selector:
-                selector.register(self, selectors.EVENT_READ)
-                selector.register(self._wake_r, selectors.EVENT_READ)
+                with self._handlers_lock:
+                    if self.closing:
+                        return
+                    selector.register(self, selectors.EVENT_READ)
+                    selector.register(self._wake_r, selectors.EVENT_READ)
                 while not self.closing:
                     for key, _ in selector.select():
                         if key.fileobj is self._wake_r:
@@ -1899,9 +2026,10 @@ class _Server(ThreadingHTTPServer):
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop serving, close idle connections, release the port."""
-        if self.closing:
-            return
-        self.closing = True
+        with self._handlers_lock:
+            if self.closing:
+                return
+            self.closing = True
         try:
             self._wake_w.send(b"x")
         except OSError:
@@ -1930,6 +2058,8 @@ def _make_server(host: str, port: int, store: Store) -> _Server:
 
 
 def _url(host: str, port: int) -> str:
+    """The URL a client on this machine uses (wildcard binds: loopback)."""
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
@@ -1952,6 +2082,8 @@ class MixpanelFake:
         self._server = _make_server(host, port, self.store)
         self.host = host
         self.port: int = self._server.server_address[1]
+        if host not in _LOOPBACK:
+            _log.warning("mixpanel_fake bound to %r: reachable beyond this machine", host)
         self._thread: threading.Thread | None = None
 
     # --- lifecycle ----------------------------------------------------------
@@ -2012,10 +2144,12 @@ class MixpanelFake:
         ``dedup=True`` shows what Mixpanel's reports count: one event per
         (event, distinct_id, time, $insert_id), the latest copy winning.
         """
+        if properties is not None and not isinstance(properties, dict):
+            raise TypeError("properties must be a dict of property values")
         rows = self.store.event_rows(project)
         if dedup:
             rows = _dedup(rows)
-        return [{"event": event["event"], "properties": dict(event["properties"])}
+        return [{"event": event["event"], "properties": _copy(event["properties"])}
                 for _, _, event in rows if _event_matches(event, name, distinct_id, properties)]
 
     def canonical(self, distinct_id: Any, project: str | None = None) -> str | None:
@@ -2028,18 +2162,18 @@ class MixpanelFake:
 
     def profiles(self, project: str | None = None) -> dict[str, dict]:
         """``{distinct_id: properties}`` (pass ``project`` when several share ids)."""
-        return {key: dict(props) for _, key, props in self.store.profile_rows("people", project)}
+        return {key: _copy(props) for _, key, props in self.store.profile_rows("people", project)}
 
     def profile(self, distinct_id: Any, project: str | None = None) -> dict | None:
         key = _id_text(distinct_id)
         for _, found, props in self.store.profile_rows("people", project):
             if found == key:
-                return dict(props)
+                return _copy(props)
         return None
 
     def groups(self, project: str | None = None) -> dict[tuple[str, str], dict]:
         """``{(group_key, group_id): properties}``."""
-        return {key: dict(props) for _, key, props in self.store.profile_rows("groups", project)}
+        return {key: _copy(props) for _, key, props in self.store.profile_rows("groups", project)}
 
     def rejected(self, project: str | None = None) -> list[dict]:
         """Every refused record: its reason, field, endpoint, project and index."""
@@ -2062,8 +2196,12 @@ class MixpanelFake:
         Returns the matching events; on timeout raises `WaitTimeout` saying
         what did arrive.
         """
+        if not isinstance(n, int) or n < 0:
+            raise ValueError("n must be a whole number of events, 0 or more")
+        if not isinstance(timeout, (int, float)) or math.isnan(timeout) or timeout < 0:
+            raise ValueError("timeout must be a number of seconds, 0 or more")
         store = self.store
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + min(timeout, _MAX_WAIT)
         while True:
             with store.lock:
                 version = store.version
@@ -2074,7 +2212,7 @@ class MixpanelFake:
             if remaining <= 0:
                 raise WaitTimeout(self._explain_wait(n, timeout, filters, found))
             with store.changed:
-                store.changed.wait_for(lambda: store.version != version, remaining)
+                store.changed.wait_for(lambda: store.version != version, min(remaining, 3600))
 
     def _explain_wait(self, n: int, timeout: float, filters: dict, found: list) -> str:
         everything = self.events(project=filters.get("project"))
@@ -2092,9 +2230,6 @@ class MixpanelFake:
 # =============================================================================
 # CLI
 # =============================================================================
-
-_LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
 
 def main(argv: list[str] | None = None) -> int:
     """Run the fake in the foreground until interrupted."""

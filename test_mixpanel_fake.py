@@ -1136,8 +1136,13 @@ class TestRouting(_ServerTestCase):
             with self.subTest(method):
                 status, headers, body = _http(method, "/track")
                 self.assertEqual(status, 405)
-                self.assertEqual(headers["allow"], "GET, HEAD, OPTIONS, POST")
-                self.assertEqual(json.loads(body)["allowed"], ["GET", "HEAD", "OPTIONS", "POST"])
+                self.assertEqual(headers["allow"], "GET, OPTIONS, POST")
+                self.assertEqual(json.loads(body)["allowed"], ["GET", "OPTIONS", "POST"])
+
+    def test_head_never_ingests(self):
+        status, headers, _ = _http("HEAD", "/track?data=" + _b64(_event()))
+        self.assertEqual((status, headers["allow"]), (405, "GET, OPTIONS, POST"))
+        self.assertEqual(MP.events(), [])
 
     def test_head_has_length_but_no_body(self):
         status, headers, body = _http("HEAD", "/health")
@@ -1234,6 +1239,171 @@ class TestTransport(_ServerTestCase):
         _, body = _json("GET", "/__parlel/events")
         ids = [row["id"] for row in body["events"]]
         self.assertEqual(len(set(ids)), 200)
+
+
+class TestOddInputs(_ServerTestCase):
+    """Inputs that once broke the fake: each answers cleanly, loses nothing."""
+
+    def raw(self, data, timeout=5):
+        sock = socket.create_connection(("127.0.0.1", MP.port), timeout=timeout)
+        self.addCleanup(sock.close)
+        sock.sendall(data)
+        chunks = []
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if b"\r\n\r\n" in b"".join(chunks):
+                head, _, rest = b"".join(chunks).partition(b"\r\n\r\n")
+                length = [int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")]
+                if not length or len(rest) >= length[0]:
+                    break
+        return b"".join(chunks)
+
+    def test_numbers_beyond_a_double(self):
+        self.assertEqual(_json("POST", "/track?verbose=1", b'[{"event":"e","properties":{"token":"t","x":1e400}}]'),
+                         (200, {"status": 0, "error": "invalid JSON body: number 1e400 is out of range"}))
+        huge = "9" * 4000
+        _http("POST", "/engage", f'[{{"$token":"t","$distinct_id":"u","$add":{{"a":{huge}}}}},'
+                                 f'{{"$token":"t","$distinct_id":"u","$add":{{"a":{huge}}}}},'
+                                 f'{{"$token":"t","$distinct_id":"u","$add":{{"a":0.5,"b":1}}}}]')
+        self.assertEqual(MP.profile("u")["b"], 1)
+        self.assertEqual(_http("GET", "/__parlel/people")[0], 200)
+        status, answer = _post("/track?verbose=1", [_event(time=10 ** 400 + 1)])
+        self.assertEqual(answer["error"], TIME_ERR + "must be specified as seconds since epoch")
+        MP.check()
+
+    def test_absolute_form_target_with_a_bracket(self):
+        inner = b"POST /track HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+        reply = self.raw(b"POST http://[/track HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                         + str(len(inner)).encode() + b"\r\nConnection: close\r\n\r\n" + inner)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply[:80])
+        self.assertEqual(reply.count(b"HTTP/1.1"), 1)  # the body was not run as a request
+
+    def test_client_that_vanishes_mid_body_is_not_a_server_error(self):
+        sock = socket.create_connection(("127.0.0.1", MP.port), timeout=5)
+        sock.sendall(b"POST /track HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\ndata=")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.close()  # reset
+        self.assertEqual(_http("GET", "/health")[0], 200)
+        MP.check()
+
+    def test_client_that_stalls_mid_body_gets_408(self):
+        self.addCleanup(setattr, mixpanel_fake._Handler, "timeout", mixpanel_fake._Handler.timeout)
+        mixpanel_fake._Handler.timeout = 0.3
+        reply = self.raw(b"POST /track HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\ndata=")
+        self.assertTrue(reply.startswith(b"HTTP/1.1 408 "), reply[:80])
+        MP.check()
+
+    def test_deeply_nested_record_is_refused_and_still_listable(self):
+        deep = b'{"event":"e","properties":{"token":"t","x":' + b"[" * 985 + b"]" * 985 + b"}}"
+        self.assertEqual(_http("POST", "/track", deep)[2], b"0")
+        self.assertEqual(_http("GET", "/__parlel/rejected")[0], 200)
+        # Deeper than any encoder can write: clipped, never an error.
+        value: list = []
+        for _ in range(5000):
+            value = [value]
+        self.assertIn(b"nested too deep to show", mixpanel_fake._dumps({"record": value}))
+
+    def test_union_of_many_items_is_linear(self):
+        items = list(range(20000))
+        _http("POST", "/engage", json.dumps({"$token": TOKEN, "$distinct_id": "u", "$union": {"a": items}}))
+        _http("POST", "/engage", json.dumps({"$token": TOKEN, "$distinct_id": "u",
+                                             "$union": {"a": [19999, 20000, True]}}))
+        self.assertEqual(MP.profile("u")["a"], items + [20000, True])
+
+    def test_gzip_of_many_members_is_refused(self):
+        body = gzip.compress(b"", mtime=0) * 1000
+        status, _, answer = _http("POST", "/import", body, {"Content-Encoding": "gzip"})
+        self.assertEqual((status, json.loads(answer)["error"]),
+                         (400, "body is not valid gzip: more than 64 members"))
+
+    def test_ndjson_line_separator_inside_a_string(self):
+        lines = json.dumps(_full("a\u2028b"), ensure_ascii=False) + "\n" + json.dumps(_full("c"))
+        status, answer = _json("POST", "/import", lines, {"Content-Type": "application/x-ndjson"})
+        self.assertEqual(answer["num_records_imported"], 2)
+        self.assertEqual(MP.events()[0]["event"], "a\u2028b")
+
+    def test_raw_utf8_in_the_query_string(self):
+        data = json.dumps(_event("café"), ensure_ascii=False)
+        reply = self.raw(b"GET /track?data=" + data.replace(" ", "%20").encode("utf-8")
+                         + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertTrue(reply.endswith(b"\r\n\r\n1"), reply[-40:])
+        self.assertEqual(MP.events()[0]["event"], "café")
+
+    def test_python_api_returns_deep_copies(self):
+        _post("/track", [_event(tags=["a"])])
+        _engage({"$set": {"l": [1]}, "$ignore_time": True})
+        MP.events()[0]["properties"]["tags"].append("X")
+        MP.profile("u")["l"].append(2)
+        self.assertEqual((MP.events()[0]["properties"]["tags"], MP.profile("u")["l"]), (["a"], [1]))
+
+    def test_request_after_stop_began_is_refused(self):
+        fake = MixpanelFake().start()
+        sock = socket.create_connection(("127.0.0.1", fake.port), timeout=5)
+        self.addCleanup(sock.close)
+        body = _form(data=json.dumps(_event()))
+        sock.sendall(f"POST /track HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+        time.sleep(0.05)  # let the server start reading this request (ordering, not timing)
+        fake._server.closing = True
+        sock.sendall(body.encode())
+        reply = sock.recv(65536)
+        fake.stop()
+        self.assertTrue(reply.startswith(b"HTTP/1.1 503 "), reply[:80])
+        self.assertEqual(fake.events(), [])
+
+    def test_set_time_takes_milliseconds_and_refuses_nonsense(self):
+        MP.set_time(T0 * 1000)
+        self.assertEqual(MP.store.now(), T0)
+        for bad in (float("nan"), float("inf"), "soon"):
+            with self.assertRaises(ValueError):
+                MP.set_time(bad)
+
+    def test_http_distinct_id_filter_matches_numbers(self):
+        _post("/track", [_event(distinct_id=42), _event(distinct_id="7")])
+        self.assertEqual(_json("GET", "/__parlel/events?distinct_id=42")[1]["count"], 1)
+        self.assertEqual(len(MP.events(distinct_id=7)), 1)
+
+    def test_invalid_callback_is_refused_before_storing(self):
+        for callback in ("x</script>", "cb\n", "a b"):
+            with self.subTest(callback=callback):
+                path = "/track?callback=" + urllib.parse.quote(callback) + "&data=" + _b64(_event())
+                self.assertEqual(_http("GET", path)[0], 400)
+        self.assertEqual(MP.events(), [])
+
+    def test_empty_line_before_the_request_line(self):
+        reply = self.raw(b"\r\nGET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply[:80])
+
+    def test_http_1_0_keep_alive_is_confirmed(self):
+        reply = self.raw(b"GET /health HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", timeout=2)
+        self.assertIn(b"\r\nConnection: keep-alive\r\n", reply)
+
+    def test_loose_framing_is_refused(self):
+        cases = [(b"Content-Length: +5\r\n\r\ndata=", b"400"),
+                 (b"Transfer-Encoding: chunked\r\n\r\n0x5\r\ndata=\r\n0\r\n\r\n", b"400"),
+                 (b"Transfer-Encoding: xchunked\r\n\r\n", b"501"),
+                 (b"Transfer-Encoding: chunked, identity\r\n\r\n", b"501")]
+        for headers, status in cases:
+            with self.subTest(headers=headers):
+                reply = self.raw(b"POST /track HTTP/1.1\r\nHost: x\r\n" + headers)
+                self.assertTrue(reply.startswith(b"HTTP/1.1 " + status), reply[:80])
+        self.assertEqual(MP.events(), [])
+
+    def test_python_api_argument_checks(self):
+        with self.assertRaises(TypeError):
+            MP.events(properties="x")
+        with self.assertRaises(ValueError):
+            MP.wait_for_events(1, timeout=float("nan"))
+        _post("/track", [_event()])
+        self.assertEqual(len(MP.wait_for_events(1, timeout=float("inf"))), 1)
+        self.assertEqual(mixpanel_fake._url("", 80), "http://127.0.0.1:80")
+        self.assertEqual(mixpanel_fake._url("::", 80), "http://[::1]:80")
 
 
 # =============================================================================
