@@ -960,7 +960,7 @@ def _normalize_time(value: Any) -> int | float:
     """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(value)
-    if not math.isfinite(value) or abs(value) > _MAX_TIME:
+    if abs(value) > _MAX_TIME or value != value:  # int-safe: no float() of a huge int
         raise ValueError(value)
     if abs(value) > _MS_THRESHOLD:
         if isinstance(value, int) and value % 1000 == 0:
