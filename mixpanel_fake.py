@@ -24,6 +24,7 @@ import base64
 import binascii
 import datetime
 import hashlib
+import ipaddress
 import json
 import logging
 import math
@@ -62,7 +63,6 @@ _log = logging.getLogger("mixpanel_fake")
 #: The port the CLI listens on (the seed's contract; the library uses port 0).
 DEFAULT_PORT = 4808
 _DEFAULT_HOST = "127.0.0.1"
-_LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 # The Node SDK sends every single call as a GET with the whole base64 payload
 # in the query string; an event near Mixpanel's 1 MB limit is ~1.4 MB there.
@@ -1144,7 +1144,7 @@ def _normalize_event(record: Any, batch: _Batch) -> tuple[str, dict]:
     elif insert_id.lower() in _PLACEHOLDER_IDS:
         raise _invalid("properties.$insert_id", f"{insert_id!r} is a placeholder, not an id")
     # Properties Mixpanel adds on ingestion (D-reserved, default properties).
-    now_ms = int(batch.now * 1000)
+    now_ms = round(batch.now * 1000)
     props["$mp_api_endpoint"] = batch.host
     props["$mp_api_timestamp_ms"] = now_ms
     props["mp_processing_time_ms"] = now_ms
@@ -1360,6 +1360,16 @@ def _check_callback(req: _Request) -> None:
         raise ApiError(400, {"status": 0, "error": "callback, invalid function name"})
 
 
+def _refuse_request(store: Store, req: _Request, endpoint: str, message: str) -> None:
+    """Keep a whole refused request in the refusals, so a test can see it:
+    index None, and the payload as text (cut at 2000 characters)."""
+    data = req.param("data") if not req.is_json else None
+    payload = data if data is not None else req.body.decode("utf-8", "replace")
+    reject = _Reject("data", message)
+    store.add_events([], [_rejection(endpoint, _credential_token(store, req), None,
+                                     payload[:2000], reject, store.now())])
+
+
 def _too_many(count: int) -> str:
     return f"request exceeds max limit of {_MAX_BATCH} records (it has {count})"
 
@@ -1373,6 +1383,7 @@ def _ingest_events(store: Store, req: _Request, endpoint: str) -> _Response:
     try:
         records, dialect = _read_records(req, ndjson=endpoint == "/import")
     except _PayloadError as exc:
+        _refuse_request(store, req, endpoint, str(exc))
         if endpoint == "/import" and req.is_json:
             return _import_failure(400, str(exc))
         return _ingest_answer(req, False, str(exc))
@@ -1380,6 +1391,7 @@ def _ingest_events(store: Store, req: _Request, endpoint: str) -> _Response:
     if len(records) > _MAX_BATCH:
         # R-track/R-import: 2000 events per request; the 413 page lists
         # "too many events per batch" among its causes.
+        _refuse_request(store, req, endpoint, _too_many(len(records)))
         if endpoint == "/import" and dialect == "json":
             return _import_failure(413, _too_many(len(records)))
         return _ingest_answer(req, False, _too_many(len(records)), status=413)
@@ -1462,8 +1474,10 @@ def _ingest_profiles(store: Store, req: _Request, kind: str, endpoint: str) -> _
     try:
         records, _ = _read_records(req, ndjson=False)
     except _PayloadError as exc:
+        _refuse_request(store, req, endpoint, str(exc))
         return _ingest_answer(req, False, str(exc))
     if len(records) > _MAX_BATCH:
+        _refuse_request(store, req, endpoint, _too_many(len(records)))
         return _ingest_answer(req, False, _too_many(len(records)), status=413)
     fallback = _credential_token(store, req)
     updates = []
@@ -2057,6 +2071,16 @@ def _make_server(host: str, port: int, store: Store) -> _Server:
     return _Server((host, port), store)
 
 
+def _is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _url(host: str, port: int) -> str:
     """The URL a client on this machine uses (wildcard binds: loopback)."""
     host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
@@ -2082,7 +2106,7 @@ class MixpanelFake:
         self._server = _make_server(host, port, self.store)
         self.host = host
         self.port: int = self._server.server_address[1]
-        if host not in _LOOPBACK:
+        if not _is_loopback(host):
             _log.warning("mixpanel_fake bound to %r: reachable beyond this machine", host)
         self._thread: threading.Thread | None = None
 
@@ -2166,10 +2190,9 @@ class MixpanelFake:
 
     def profile(self, distinct_id: Any, project: str | None = None) -> dict | None:
         key = _id_text(distinct_id)
-        for _, found, props in self.store.profile_rows("people", project):
-            if found == key:
-                return _copy(props)
-        return None
+        matches = [props for _, found, props in self.store.profile_rows("people", project)
+                   if found == key]
+        return _copy(matches[-1]) if matches else None  # the same one profiles() shows
 
     def groups(self, project: str | None = None) -> dict[tuple[str, str], dict]:
         """``{(group_key, group_id): properties}``."""
@@ -2177,7 +2200,7 @@ class MixpanelFake:
 
     def rejected(self, project: str | None = None) -> list[dict]:
         """Every refused record: its reason, field, endpoint, project and index."""
-        return self.store.rejected_rows(project)
+        return [_copy(record) for record in self.store.rejected_rows(project)]
 
     def reset(self, project: str | None = None) -> None:
         """Forget ingested data, of one project or of all."""
@@ -2222,8 +2245,8 @@ class MixpanelFake:
             props = event["properties"]
             lines.append(f"  arrived: {event['event']!r} distinct_id={props.get('distinct_id')!r}")
         for record in self.rejected(filters.get("project"))[-10:]:
-            lines.append(f"  rejected on {record['endpoint']} (index {record['index']}): "
-                         f"{record['reason']}")
+            where = "whole request" if record["index"] is None else f"index {record['index']}"
+            lines.append(f"  rejected on {record['endpoint']} ({where}): {record['reason']}")
         return "\n".join(lines)
 
 
@@ -2260,7 +2283,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     port = server.server_address[1]
     print(f"mixpanel_fake listening on {_url(args.host, port)}", flush=True)
-    if args.host not in _LOOPBACK:
+    if not _is_loopback(args.host):
         print(f"mixpanel_fake: warning: bound to {args.host}, reachable beyond this machine; "
               "it accepts any credentials", file=sys.stderr, flush=True)
     try:

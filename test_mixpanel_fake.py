@@ -450,12 +450,25 @@ class TestEventStorage(_ServerTestCase):
         self.assertEqual(_http("POST", "/engage", body, _basic("tok_basic"))[2], b"1")
         self.assertEqual(MP.profile("u", project="tok_basic")["a"], 1)
 
+    def test_a_whole_refused_request_is_kept_too(self):
+        _http("POST", "/track", _form(data="%%%garbage"))
+        (record,) = MP.rejected()
+        self.assertEqual({k: record[k] for k in ("endpoint", "index", "field", "reason", "record")},
+                         {"endpoint": "/track", "index": None, "field": "data",
+                          "reason": "data, neither JSON nor base64-encoded JSON", "record": "%%%garbage"})
+        with self.assertRaises(WaitTimeout) as caught:
+            MP.wait_for_events(1, timeout=0)
+        self.assertIn("rejected on /track (whole request): data, neither JSON nor base64-encoded JSON",
+                      str(caught.exception))
+
     def test_refused_record_is_kept_with_reason(self):
         _http("POST", "/track?verbose=1", json.dumps([_event("ok"), {"event": "x", "properties": {}}]))
         (record,) = MP.rejected()
-        self.assertEqual({k: record[k] for k in ("project", "endpoint", "index", "field", "reason", "record")},
+        self.assertEqual({k: record[k] for k in ("project", "endpoint", "index", "field", "reason", "record",
+                                                 "dropped")},
                          {"project": None, "endpoint": "/track", "index": 1, "field": "properties.token",
-                          "reason": "token, missing or empty", "record": {"event": "x", "properties": {}}})
+                          "reason": "token, missing or empty", "record": {"event": "x", "properties": {}},
+                          "dropped": False})
         _, listing = _json("GET", "/__parlel/rejected")
         self.assertEqual(listing["count"], 1)
         self.assertEqual(listing["rejected"][0]["reason"], "token, missing or empty")
@@ -1403,6 +1416,9 @@ class TestOddInputs(_ServerTestCase):
         _post("/track", [_event()])
         self.assertEqual(len(MP.wait_for_events(1, timeout=float("inf"))), 1)
         self.assertEqual(mixpanel_fake._url("", 80), "http://127.0.0.1:80")
+        self.assertEqual([mixpanel_fake._is_loopback(h) for h in ("127.0.0.2", "::1", "localhost",
+                                                                   "0.0.0.0", "", "10.0.0.1")],
+                         [True, True, True, False, False, False])
         self.assertEqual(mixpanel_fake._url("::", 80), "http://[::1]:80")
 
 
@@ -1530,6 +1546,8 @@ class TestCli(unittest.TestCase):
         proc = subprocess.Popen([sys.executable, os.path.join(HERE, "mixpanel_fake.py"), *args],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env=dict(os.environ, **(env or {})))
+        self.addCleanup(proc.stderr.close)
+        self.addCleanup(proc.stdout.close)
         self.addCleanup(proc.wait, 5)
         self.addCleanup(proc.kill)
         line = proc.stdout.readline()
@@ -1585,7 +1603,8 @@ class TestPythonSdk(_ServerTestCase):
     """mixpanel==5.4.1, pointed at the fake with ``Consumer(**mp.urls)``."""
 
     def setUp(self):
-        _require(mixpanel is not None, "the Python mixpanel SDK is not installed", self)
+        _require(mixpanel is not None, "the Python mixpanel SDK is not installed "
+                                       "(pip install -r conformance/requirements.txt)", self)
         super().setUp()
         MP.set_time(None)  # the SDK stamps real times; /track keeps them
         self.client = mixpanel.Mixpanel(TOKEN, consumer=mixpanel.Consumer(retry_limit=0, **MP.urls))
