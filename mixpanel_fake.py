@@ -23,8 +23,10 @@ import argparse
 import base64
 import binascii
 import datetime
+import functools
 import hashlib
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -39,13 +41,14 @@ import time
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
-from urllib.parse import unquote, unquote_plus
+from urllib.parse import unquote, unquote_plus, urlencode
 
 __version__ = "0.2.0"
 
 __all__ = [
     "DEFAULT_PORT",
     "ApiError",
+    "ExpressionError",
     "MixpanelFake",
     "Project",
     "Store",
@@ -162,6 +165,26 @@ class WaitTimeout(AssertionError):
     """A wait for records ended before they arrived; the message says what did."""
 
 
+class ExpressionError(ValueError):
+    """A `where`/`on`/`selector` expression that cannot be parsed or run.
+
+    ``message`` says what was wrong and what was expected; ``position`` is
+    the 0-based offset in ``expression`` (None when it is not about one).
+    """
+
+    def __init__(self, message: str, expression: str = "", position: int | None = None):
+        self.message = message
+        self.expression = expression
+        self.position = position
+        if position is None:
+            text = message
+        elif position >= len(expression):
+            text = f"{message} (at end of expression)"
+        else:
+            text = f"{message} (at column {position + 1})"
+        super().__init__(text)
+
+
 class _Reject(Exception):
     """One record refused: `field` names what was wrong, `message` says why."""
 
@@ -268,7 +291,8 @@ class _ProjectState:
     are replaced, never changed in place, so a reader holding one needs no lock.
     """
 
-    __slots__ = ("events", "event_ids", "profiles", "groups", "rejected", "identity")
+    __slots__ = ("events", "event_ids", "profiles", "groups", "rejected", "identity",
+                 "sessions", "funnels", "cohorts", "annotations", "insights")
 
     def __init__(self) -> None:
         self.events: list[dict] = []
@@ -277,6 +301,13 @@ class _ProjectState:
         self.groups: dict[tuple[str, str], dict] = {}
         self.rejected: list[dict] = []
         self.identity = _Identity()
+        # What the query API reads besides events: frozen engage result sets,
+        # and the saved funnels, cohorts, annotations and reports a test made.
+        self.sessions: dict[str, list] = {}
+        self.funnels: dict[int, dict] = {}
+        self.cohorts: dict[str, dict] = {}
+        self.annotations: dict[int, dict] = {}
+        self.insights: dict[int, dict] = {}
 
 
 class _Update:
@@ -465,6 +496,11 @@ class Store:
                     state.events = []
                     state.event_ids = []
             self._changed_locked()
+
+    def new_id(self) -> int:
+        """The next number of the fake's one sequence (lock held)."""
+        self._next_id += 1
+        return self._next_id
 
     def record_error(self, error: BaseException) -> None:
         with self.lock:
@@ -754,12 +790,13 @@ def _looks_json(body: bytes, content_type: str) -> bool:
 class _Request:
     """One decoded HTTP request, as handlers see it."""
 
-    __slots__ = ("method", "path", "headers", "body", "raw", "is_json", "client")
+    __slots__ = ("method", "path", "query", "headers", "body", "raw", "is_json", "client")
 
     def __init__(self, method: str, path: str, query: str, headers: Any,
                  body: bytes, client: str = ""):
         self.method = method
         self.path = path
+        self.query = query
         self.headers = headers
         self.body = body
         self.client = client
@@ -945,6 +982,698 @@ def _credential_token(store: Store, req: _Request) -> str | None:
     if project_id:
         return store.project_by_id(project_id)
     return None
+
+
+# =============================================================================
+# Expression language: `where`, `on`, `selector` (query-api.md §7)
+# =============================================================================
+
+# Guards against expressions that could hang the server or exhaust its stack.
+_EXPR_MAX_LENGTH = 20000
+_EXPR_MAX_DEPTH = 64
+_KEYWORDS = frozenset(("and", "or", "not", "in"))
+_ACCESSORS = frozenset(("properties", "user", "event", "behaviors"))
+# name -> (fewest, most) arguments; `any` binds its first argument.
+_FUNCTIONS = {"defined": (1, 1), "string": (1, 2), "number": (1, 1), "boolean": (1, 1),
+              "datetime": (1, 1), "floor": (1, 1), "round": (1, 1), "ceil": (1, 1),
+              "any": (3, 3)}
+_TOKEN_RE = re.compile(r"""
+    (?P<ws>\s+)
+  | (?P<number>(?:\d+\.\d*|\.\d+|\d+)(?:[eE][+-]?\d+)?)
+  | (?P<string>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')
+  | (?P<op>==|!=|>=|<=|[<>=+\-*/%])
+  | (?P<punct>[()\[\],])
+  | (?P<name>[A-Za-z_$][A-Za-z0-9_$]*)
+  | (?P<invalid>.)
+""", re.X | re.S)
+_ESCAPE_RE = re.compile(r"\\(.)", re.S)
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r"}
+
+
+class _Undefined:
+    """Mixpanel's `undefined`: a missing property, or an operation on the
+    wrong types.  Falsy in `where`, true under `not`."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "undefined"
+
+
+_UNDEF = _Undefined()
+
+
+class _Moment:
+    """A datetime value (`datetime(...)`, `$time`): epoch seconds, UTC."""
+
+    __slots__ = ("ts",)
+
+    def __init__(self, ts: float):
+        self.ts = ts
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, _Moment) and other.ts == self.ts
+
+    def __hash__(self) -> int:
+        return hash(self.ts)
+
+    def __repr__(self) -> str:
+        return f"datetime({self.ts!r})"
+
+
+def _tokenize(text: str) -> list[tuple[str, Any, int]]:
+    """``(kind, value, position)`` tokens, ending with an "end" token."""
+    tokens = []
+    for match in _TOKEN_RE.finditer(text):
+        kind, value = match.lastgroup, match.group()
+        if kind == "ws":
+            continue
+        if kind == "invalid":
+            what = "unterminated string" if value in "\"'" else f"unexpected character {value!r}"
+            raise ExpressionError(what, text, match.start())
+        if kind == "number":
+            number = float(value)
+            value = int(value) if value.isdigit() else number
+        elif kind == "string":
+            value = _ESCAPE_RE.sub(lambda m: _ESCAPES.get(m.group(1), m.group(1)), value[1:-1])
+        elif kind == "name" and value.lower() in _KEYWORDS:
+            kind, value = "keyword", value.lower()
+        tokens.append((kind, value, match.start()))
+    tokens.append(("end", None, len(text)))
+    return tokens
+
+
+class _Parser:
+    """Precedence climbing into a tuple AST, one method per level:
+    or | and | not | == = != < <= > >= in | + - | * / % | unary - | postfix []."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.tokens = _tokenize(text)
+        self.index = 0
+        self.depth = 0
+        self.bound: list[str] = []  # names bound by any(V, ...)
+
+    @property
+    def current(self) -> tuple[str, Any, int]:
+        return self.tokens[self.index]
+
+    def accept(self, kind: str, value: Any = None) -> bool:
+        token = self.current
+        if token[0] == kind and (value is None or token[1] == value):
+            self.index += 1
+            return True
+        return False
+
+    def expect(self, kind: str, value: Any, expected: str) -> None:
+        if not self.accept(kind, value):
+            self.fail(expected)
+
+    def fail(self, expected: str) -> None:
+        kind, value, position = self.current
+        if kind == "end":
+            raise ExpressionError(f"incomplete expression; expected {expected}", self.text, position)
+        shown = json.dumps(value) if kind == "string" else f"'{value}'"
+        raise ExpressionError(f"unexpected {shown}; expected {expected}", self.text, position)
+
+    def parse(self) -> tuple:
+        if not self.text.strip():
+            raise ExpressionError("empty expression", self.text, 0)
+        node = self.parse_or()
+        if self.current[0] != "end":
+            self.fail("an operator or the end of the expression")
+        return node
+
+    def nested(self) -> None:
+        self.depth += 1
+        if self.depth > _EXPR_MAX_DEPTH:
+            raise ExpressionError(f"expression nested more than {_EXPR_MAX_DEPTH} deep",
+                              self.text, self.current[2])
+
+    def parse_or(self) -> tuple:
+        node = self.parse_and()
+        while self.accept("keyword", "or"):
+            node = ("or", node, self.parse_and())
+        return node
+
+    def parse_and(self) -> tuple:
+        node = self.parse_not()
+        while self.accept("keyword", "and"):
+            node = ("and", node, self.parse_not())
+        return node
+
+    def parse_not(self) -> tuple:
+        # `not` binds looser than comparisons: not "a" in x == not ("a" in x).
+        if self.accept("keyword", "not"):
+            self.nested()
+            node = ("not", self.parse_not())
+            self.depth -= 1
+            return node
+        return self.parse_compare()
+
+    def parse_compare(self) -> tuple:
+        node = self.parse_sum()
+        kind, value, _ = self.current
+        if (kind == "op" and value in ("==", "=", "!=", "<", "<=", ">", ">=")) or (
+                kind == "keyword" and value == "in"):
+            self.index += 1
+            op = "==" if value == "=" else value
+            node = ("cmp", op, node, self.parse_sum())
+        return node
+
+    def parse_sum(self) -> tuple:
+        node = self.parse_product()
+        while self.current[0] == "op" and self.current[1] in ("+", "-"):
+            op = self.current[1]
+            self.index += 1
+            node = ("math", op, node, self.parse_product())
+        return node
+
+    def parse_product(self) -> tuple:
+        node = self.parse_unary()
+        while self.current[0] == "op" and self.current[1] in ("*", "/", "%"):
+            op = self.current[1]
+            self.index += 1
+            node = ("math", op, node, self.parse_unary())
+        return node
+
+    def parse_unary(self) -> tuple:
+        if self.accept("op", "-"):
+            self.nested()
+            node = ("neg", self.parse_unary())
+            self.depth -= 1
+            return node
+        return self.parse_postfix()
+
+    def parse_postfix(self) -> tuple:
+        node = self.parse_primary()
+        while self.accept("punct", "["):
+            key = self.parse_nested_or()
+            self.expect("punct", "]", "']'")
+            node = ("index", node, key)
+        return node
+
+    def parse_nested_or(self) -> tuple:
+        self.nested()
+        node = self.parse_or()
+        self.depth -= 1
+        return node
+
+    def parse_primary(self) -> tuple:
+        kind, value, position = self.current
+        if kind in ("number", "string"):
+            self.index += 1
+            return ("lit", value)
+        if self.accept("punct", "("):
+            node = self.parse_nested_or()
+            self.expect("punct", ")", "')'")
+            return node
+        if self.accept("punct", "["):
+            items = []
+            if not self.accept("punct", "]"):
+                items.append(self.parse_nested_or())
+                while self.accept("punct", ","):
+                    items.append(self.parse_nested_or())
+                self.expect("punct", "]", "',' or ']'")
+            return ("list", tuple(items))
+        if kind != "name":
+            self.fail("a value")
+        self.index += 1
+        lowered = value.lower()
+        if lowered in ("true", "false"):
+            return ("lit", lowered == "true")
+        if lowered == "null":
+            return ("lit", None)
+        if lowered == "undefined":
+            return ("lit", _UNDEF)
+        if value in _ACCESSORS and self.accept("punct", "["):
+            name_kind, name, _ = self.current
+            if name_kind != "string":
+                self.fail(f'a property name in quotes after {value}[')
+            self.index += 1
+            self.expect("punct", "]", "']'")
+            return ("prop", value, name)
+        if self.current[0] == "punct" and self.current[1] == "(":
+            return self.parse_call(value, position)
+        if value in self.bound:
+            return ("var", value)
+        raise ExpressionError(f"unknown name {value!r}", self.text, position)
+
+    def parse_call(self, name: str, position: int) -> tuple:
+        function = name.lower()
+        if function not in _FUNCTIONS:
+            raise ExpressionError(f"unknown function {name!r}", self.text, position)
+        self.expect("punct", "(", "'('")
+        args = []
+        if function == "any":
+            var_kind, var, _ = self.current
+            if var_kind != "name":
+                self.fail("a variable name as the first argument of any()")
+            self.index += 1
+            self.expect("punct", ",", "','")
+            args.append(self.parse_nested_or())
+            self.expect("punct", ",", "','")
+            self.bound.append(var)
+            args.append(self.parse_nested_or())
+            self.bound.pop()
+            self.expect("punct", ")", "')'")
+            return ("any", var, args[0], args[1])
+        if not self.accept("punct", ")"):
+            args.append(self.parse_nested_or())
+            while self.accept("punct", ","):
+                args.append(self.parse_nested_or())
+            self.expect("punct", ")", "',' or ')'")
+        fewest, most = _FUNCTIONS[function]
+        if not fewest <= len(args) <= most:
+            count = str(fewest) if fewest == most else f"{fewest} or {most}"
+            raise ExpressionError(f"{function}() takes {count} argument(s), got {len(args)}",
+                              self.text, position)
+        return ("call", function, tuple(args))
+
+
+def _parse_expression(text: str) -> tuple:
+    if len(text) > _EXPR_MAX_LENGTH:
+        raise ExpressionError(f"expression longer than {_EXPR_MAX_LENGTH} characters", text, 0)
+    return _Parser(text).parse()
+
+
+# --- values and operators (Mixpanel's rules, query-api.md §7.3-7.5) ---------
+
+
+def _kind(value: Any) -> str:
+    """Mixpanel's type of a value: number, string, boolean, datetime, list,
+    object, null or undefined."""
+    if value is True or value is False:
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if value is None:
+        return "null"
+    if value is _UNDEF:
+        return "undefined"
+    if isinstance(value, _Moment):
+        return "datetime"
+    return "list" if isinstance(value, list) else "object"
+
+
+def _parse_datetime(text: str) -> _Moment | None:
+    """`YYYY-MM-DD` or `YYYY-MM-DDTHH:MM:SS` (UTC, as Mixpanel writes them)."""
+    for layout in ("%Y-%m-%dT%H:%M:%S", "%Y-%m-%d", "%Y-%m-%d %H:%M:%S"):
+        try:
+            moment = datetime.datetime.strptime(text[:19], layout)
+        except ValueError:
+            continue
+        return _Moment(moment.replace(tzinfo=datetime.timezone.utc).timestamp())
+    return None
+
+
+def _equal(a: Any, b: Any) -> bool:
+    """`==`: values of one type compare; different types are never equal."""
+    kind = _kind(a)
+    if kind != _kind(b):
+        return False
+    if kind == "number":
+        return a == b
+    return a == b if kind not in ("undefined",) else True
+
+
+def _order(op: str, a: Any, b: Any) -> Any:
+    """`< <= > >=` on numbers, strings and datetimes (an ISO string against
+    a datetime is read as one); other pairs are undefined."""
+    kind_a, kind_b = _kind(a), _kind(b)
+    if kind_a == "datetime" and kind_b == "string":
+        b = _parse_datetime(b) or _UNDEF
+        kind_b = _kind(b)
+    elif kind_b == "datetime" and kind_a == "string":
+        a = _parse_datetime(a) or _UNDEF
+        kind_a = _kind(a)
+    if kind_a != kind_b or kind_a not in ("number", "string", "datetime"):
+        return _UNDEF
+    if kind_a == "datetime":
+        a, b = a.ts, b.ts
+    if op == "<":
+        return a < b
+    if op == "<=":
+        return a <= b
+    if op == ">":
+        return a > b
+    return a >= b
+
+
+def _contains_value(needle: Any, haystack: Any) -> Any:
+    """`in`: substring of a string, or member of a list (by `==`)."""
+    if isinstance(haystack, list):
+        return any(_equal(needle, item) for item in haystack)
+    if isinstance(haystack, str) and isinstance(needle, str):
+        return needle in haystack
+    return _UNDEF
+
+
+def _compare(op: str, a: Any, b: Any) -> Any:
+    if op == "==":
+        return _equal(a, b)
+    if op == "!=":
+        return not _equal(a, b)
+    if op == "in":
+        return _contains_value(a, b)
+    return _order(op, a, b)
+
+
+def _arithmetic(op: str, a: Any, b: Any) -> Any:
+    """Numbers only (`+` also joins strings); /0 and % 0 are undefined."""
+    kind_a, kind_b = _kind(a), _kind(b)
+    if op == "+" and kind_a == kind_b == "string":
+        return a + b
+    if kind_a != "number" or kind_b != "number":
+        return _UNDEF
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    if op == "*":
+        return a * b
+    if b == 0:
+        return _UNDEF
+    return a / b if op == "/" else math.fmod(a, b)  # % takes the dividend's sign
+
+
+def _number_text(value: float) -> str:
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e16:
+        return str(int(value))
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _fn_string(value: Any, default: Any = _UNDEF) -> Any:
+    kind = _kind(value)
+    if kind == "string":
+        return value
+    if kind == "number":
+        return _number_text(value)
+    if kind == "boolean":
+        return "true" if value else "false"
+    if kind == "datetime":
+        return _iso_seconds(value.ts) or _UNDEF
+    if kind in ("list", "object"):
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return value if default is _UNDEF else default  # null and undefined
+
+
+def _fn_number(value: Any) -> Any:
+    kind = _kind(value)
+    if kind == "number":
+        return value
+    if kind == "boolean":
+        return 1.0 if value else 0.0
+    if kind == "datetime":
+        return value.ts
+    if kind == "string":
+        try:
+            number = float(value)
+        except ValueError:
+            return _UNDEF
+        return number if math.isfinite(number) else _UNDEF
+    return _UNDEF
+
+
+def _fn_boolean(value: Any) -> bool:
+    """D-types: "false", 0, "", null and undefined are false; the rest true."""
+    if value is _UNDEF or value is None or value is False:
+        return False
+    if isinstance(value, str):
+        return value not in ("", "false")
+    if isinstance(value, (int, float)):
+        return value != 0
+    return True
+
+
+def _fn_datetime(value: Any) -> Any:
+    kind = _kind(value)
+    if kind == "number":
+        try:
+            return _Moment(float(_normalize_time(value)))
+        except ValueError:
+            return _UNDEF
+    if kind == "string":
+        return _parse_datetime(value) or _UNDEF
+    return value if kind == "datetime" else _UNDEF
+
+
+def _rounding(function: Callable[[float], float]) -> Callable[[Any], Any]:
+    def apply(value: Any) -> Any:
+        return function(value) if _kind(value) == "number" else _UNDEF
+    return apply
+
+
+def _round_half_away(value: float) -> float:
+    return math.floor(value + 0.5) if value >= 0 else -math.floor(-value + 0.5)
+
+
+_CALLS: dict[str, Callable[..., Any]] = {
+    "defined": lambda value: value is not _UNDEF,
+    "string": _fn_string,
+    "number": _fn_number,
+    "boolean": _fn_boolean,
+    "datetime": _fn_datetime,
+    "floor": _rounding(math.floor),
+    "round": _rounding(_round_half_away),
+    "ceil": _rounding(math.ceil),
+}
+
+
+# --- compiling the AST into closures ------------------------------------------
+
+
+class _Scope:
+    """What an expression sees beside the properties it filters on."""
+
+    __slots__ = ("event", "user", "behaviors", "vars")
+
+    def __init__(self, event: str | None = None, user: dict | None = None,
+                 behaviors: dict | None = None):
+        self.event = event
+        self.user = user
+        self.behaviors = behaviors
+        self.vars: dict[str, Any] = {}
+
+
+_NO_SCOPE = _Scope()
+_NUMBER_TYPES = (int, float)
+
+
+def _read_property(props: dict, name: str) -> Any:
+    """A property's value; `$time` is the event time as a datetime."""
+    if name == "$time" and "$time" not in props:
+        ts = props.get("time")
+        return _Moment(ts) if isinstance(ts, _NUMBER_TYPES) and ts is not True and ts is not False \
+            else _UNDEF
+    return props.get(name, _UNDEF)
+
+
+def _logic_error(op: str, value: Any) -> ExpressionError:
+    return ExpressionError(f"'{op}' needs true, false or undefined on each side, "
+                           f"got a {_kind(value)}", "", None)
+
+
+def _compile(node: tuple) -> Callable[[dict, _Scope], Any]:
+    """One closure per node; a property compared with a constant becomes a
+    single fused closure (the hot path of every filter)."""
+    tag = node[0]
+    if tag == "lit":
+        value = node[1]
+        return lambda props, scope: value
+    if tag == "prop":
+        return _compile_prop(node[1], node[2])
+    if tag == "var":
+        name = node[1]
+        return lambda props, scope: scope.vars.get(name, _UNDEF)
+    if tag == "list":
+        items = [_compile(item) for item in node[1]]
+        return lambda props, scope: [item(props, scope) for item in items]
+    if tag == "index":
+        return _compile_index(_compile(node[1]), _compile(node[2]))
+    if tag == "not":
+        inner = _compile(node[1])
+
+        def negate(props: dict, scope: _Scope) -> Any:
+            value = inner(props, scope)
+            if value is True or value is False:
+                return not value
+            return True if value is _UNDEF else _UNDEF
+        return negate
+    if tag == "neg":
+        inner = _compile(node[1])
+
+        def minus(props: dict, scope: _Scope) -> Any:
+            value = inner(props, scope)
+            return -value if _kind(value) == "number" else _UNDEF
+        return minus
+    if tag in ("and", "or"):
+        return _compile_logic(tag, _compile(node[1]), _compile(node[2]))
+    if tag == "cmp":
+        return _compile_compare(node[1], node[2], node[3])
+    if tag == "math":
+        op, left, right = node[1], _compile(node[2]), _compile(node[3])
+        return lambda props, scope: _arithmetic(op, left(props, scope), right(props, scope))
+    if tag == "call":
+        function = _CALLS[node[1]]
+        args = [_compile(arg) for arg in node[2]]
+        if len(args) == 1:
+            only = args[0]
+            return lambda props, scope: function(only(props, scope))
+        return lambda props, scope: function(*[arg(props, scope) for arg in args])
+    if tag == "any":
+        return _compile_any(node[1], _compile(node[2]), _compile(node[3]))
+    raise ExpressionError(f"cannot evaluate {tag!r}", "", None)  # deny by default
+
+
+def _compile_prop(source: str, name: str) -> Callable[[dict, _Scope], Any]:
+    if source == "properties":
+        return lambda props, scope: _read_property(props, name)
+    if source == "event":
+        if name == "$event_name":
+            return lambda props, scope: _UNDEF if scope.event is None else scope.event
+        return lambda props, scope: _read_property(props, name)
+    if source == "user":
+        return lambda props, scope: _UNDEF if scope.user is None else scope.user.get(name, _UNDEF)
+    return lambda props, scope: (_UNDEF if scope.behaviors is None
+                                 else scope.behaviors.get(name, _UNDEF))
+
+
+def _compile_index(base: Callable, key: Callable) -> Callable[[dict, _Scope], Any]:
+    def index(props: dict, scope: _Scope) -> Any:
+        container, k = base(props, scope), key(props, scope)
+        if isinstance(container, dict) and isinstance(k, str):
+            return container.get(k, _UNDEF)
+        if isinstance(container, list) and _kind(k) == "number" and float(k).is_integer():
+            position = int(k)
+            return container[position] if -len(container) <= position < len(container) else _UNDEF
+        return _UNDEF
+    return index
+
+
+def _compile_logic(op: str, left: Callable, right: Callable) -> Callable[[dict, _Scope], Any]:
+    """`and`/`or` take booleans and undefined (as false); others are errors."""
+    if op == "and":
+        def both(props: dict, scope: _Scope) -> Any:
+            a = left(props, scope)
+            if a is True:
+                b = right(props, scope)
+                if b is True or b is False:
+                    return b
+                if b is _UNDEF:
+                    return False
+                raise _logic_error("and", b)
+            if a is False or a is _UNDEF:
+                return False
+            raise _logic_error("and", a)
+        return both
+
+    def either(props: dict, scope: _Scope) -> Any:
+        a = left(props, scope)
+        if a is True:
+            return True
+        if a is not False and a is not _UNDEF:
+            raise _logic_error("or", a)
+        b = right(props, scope)
+        if b is True or b is False:
+            return b
+        if b is _UNDEF:
+            return False
+        raise _logic_error("or", b)
+    return either
+
+
+def _compile_compare(op: str, left_node: tuple, right_node: tuple) -> Callable[[dict, _Scope], Any]:
+    # Fuse `properties["name"] OP constant` (either way round) into one closure.
+    if left_node[0] == "lit" and right_node[0] == "prop" and op in ("==", "!=", "<", "<=", ">", ">="):
+        flipped = {"<": ">", "<=": ">=", ">": "<", ">=": "<="}.get(op, op)
+        return _compile_compare(flipped, right_node, left_node)
+    if (left_node[0] == "prop" and left_node[1] == "properties" and left_node[2] != "$time"
+            and right_node[0] == "lit"):
+        fused = _fuse(op, left_node[2], right_node[1])
+        if fused is not None:
+            return fused
+    left, right = _compile(left_node), _compile(right_node)
+    return lambda props, scope: _compare(op, left(props, scope), right(props, scope))
+
+
+def _fuse(op: str, name: str, constant: Any) -> Callable[[dict, _Scope], Any] | None:
+    """A closure for `properties[name] OP constant` with Mixpanel's typing,
+    or None when the general path is needed."""
+    get = dict.get
+    if op in ("==", "!=") and isinstance(constant, str):
+        if op == "==":
+            return lambda props, scope: get(props, name) == constant
+        return lambda props, scope: get(props, name) != constant
+    if op in ("==", "!=") and _kind(constant) == "number":
+        if op == "==":
+            return lambda props, scope: (type(get(props, name)) in _NUMBER_TYPES
+                                         and get(props, name) == constant)
+        return lambda props, scope: not (type(get(props, name)) in _NUMBER_TYPES
+                                         and get(props, name) == constant)
+    if op in ("<", "<=", ">", ">=") and _kind(constant) == "number":
+        compare = {"<": float.__lt__, "<=": float.__le__, ">": float.__gt__, ">=": float.__ge__}[op]
+        threshold = float(constant)
+
+        def ordered(props: dict, scope: _Scope) -> Any:
+            value = get(props, name, _UNDEF)
+            if type(value) in _NUMBER_TYPES:
+                return compare(float(value), threshold)
+            return _UNDEF
+        return ordered
+    return None
+
+
+def _compile_any(var: str, items: Callable, predicate: Callable) -> Callable[[dict, _Scope], Any]:
+    def any_of(props: dict, scope: _Scope) -> bool:
+        values = items(props, scope)
+        if not isinstance(values, list):
+            return False
+        saved = scope.vars.get(var, _UNDEF)
+        try:
+            for value in values:
+                scope.vars[var] = value
+                if predicate(props, scope) is True:
+                    return True
+            return False
+        finally:
+            scope.vars[var] = saved
+    return any_of
+
+
+class _Expression:
+    """A compiled expression: call ``fn(props, scope)``; ``uses`` says which
+    of user[...] and behaviors[...] it reads, so callers fetch only those."""
+
+    __slots__ = ("text", "fn", "uses_user", "uses_behaviors")
+
+    def __init__(self, text: str, node: tuple):
+        self.text = text
+        self.fn = _compile(node)
+        flat = repr(node)
+        self.uses_user = "'prop', 'user'" in flat
+        self.uses_behaviors = "'prop', 'behaviors'" in flat
+
+    def matches(self, props: dict, scope: _Scope = _NO_SCOPE) -> bool:
+        """`where`: true only for boolean true (undefined drops the row)."""
+        try:
+            return self.fn(props, scope) is True
+        except ExpressionError as exc:
+            raise ExpressionError(exc.message, self.text, None) from None
+
+    def value(self, props: dict, scope: _Scope = _NO_SCOPE) -> Any:
+        try:
+            return self.fn(props, scope)
+        except ExpressionError as exc:
+            raise ExpressionError(exc.message, self.text, None) from None
+
+
+@functools.lru_cache(maxsize=256)
+def _compile_expression(text: str) -> _Expression:
+    """Parse and compile once per distinct text (cached)."""
+    return _Expression(text, _parse_expression(text))
 
 
 # =============================================================================
@@ -1527,6 +2256,1240 @@ def _groups(store: Store, req: _Request) -> _Response:
 
 
 # =============================================================================
+# Queries: export, engage, events, segmentation, funnels, retention, ...
+# (query-api.md; choices in the README's "Query API" section)
+# =============================================================================
+
+_EXPORT_MAX_LIMIT = 100000
+_ENGAGE_PAGE_SIZE = 1000
+_ENGAGE_SESSIONS = 64          # frozen engage result sets kept per project
+_UNITS = ("minute", "hour", "day", "week", "month")
+_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_NOT_EMULATED = ("jql", "stream/query")
+
+
+class _Query:
+    """One query request: its parameters (query string, form and JSON body
+    merged), its project, and Mixpanel's error shapes."""
+
+    __slots__ = ("store", "req", "params", "project", "state", "tz", "now")
+
+    def __init__(self, store: Store, req: _Request):
+        self.store = store
+        self.req = req
+        self.params: dict[str, Any] = {name: unquote_plus(raw) for name, raw in req.raw.items()}
+        if req.is_json:
+            try:
+                body = _loads(req.body.decode("utf-8", "surrogateescape"))
+            except ValueError as exc:
+                raise self.error(400, f"invalid JSON body: {exc}") from None
+            if isinstance(body, dict):
+                self.params.update(body)
+        self.project, self.state = self._resolve()
+        self.tz = _zone(self.project.timezone)
+        self.now = store.now()
+
+    def error(self, status: int, message: str) -> ApiError:
+        """Mixpanel's query error: the request echoed, and the message."""
+        request = self.req.path + ("?" + self.req.query if self.req.query else "")
+        return ApiError(status, {"request": request, "error": message})
+
+    def _resolve(self) -> tuple[Project, _ProjectState]:
+        """The project the credentials name (README: "Credentials")."""
+        store = self.store
+        auth = self.req.basic_auth()
+        project_id = self.params.get("project_id")
+        token = None
+        if auth is not None:
+            token = store.project_by_credentials(auth[0], auth[1], project_id)
+            if token is None or token not in store.projects:
+                raise self.error(401, "Unauthorized, invalid project secret. See docs for more "
+                                      "information: https://developer.mixpanel.com/reference/"
+                                      "authentication#project-secret")
+        elif project_id:
+            token = store.project_by_id(str(project_id))
+            if token is None:
+                raise self.error(401, f"Unauthorized, no project with project_id {project_id}")
+        else:
+            with store.lock:
+                tokens = [t for t in store.projects]
+            if len(tokens) != 1:
+                raise self.error(401, "Unauthorized: send a service account (user:secret with "
+                                      "?project_id=) or a project secret; with no credentials the "
+                                      f"fake only answers when it has exactly one project "
+                                      f"(it has {len(tokens)})")
+            token = tokens[0]
+        with store.lock:
+            project, state = store._project_locked(token)
+        return project, state
+
+    # --- parameters ---------------------------------------------------------
+
+    def text(self, name: str, default: str | None = None, required: bool = False) -> str | None:
+        value = self.params.get(name)
+        if value is None or value == "":
+            if required:
+                raise self.error(400, f"{name} is a required parameter")
+            return default
+        return value if isinstance(value, str) else json.dumps(value)
+
+    def integer(self, name: str, default: int, low: int = 0, high: int | None = None) -> int:
+        value = self.params.get(name)
+        if value is None or value == "":
+            return default
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise self.error(400, f"{name} must be an integer") from None
+        if number < low or (high is not None and number > high):
+            bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise self.error(400, f"{name} must be {bound}")
+        return number
+
+    def flag(self, name: str) -> bool:
+        return str(self.params.get(name, "")).lower() in ("1", "true")
+
+    def json_value(self, name: str, default: Any = None) -> Any:
+        value = self.params.get(name)
+        if value is None or value == "":
+            return default
+        if not isinstance(value, str):
+            return value
+        try:
+            return _loads(value)
+        except ValueError:
+            raise self.error(400, f"{name} must be JSON, got {value[:80]!r}") from None
+
+    def names(self, name: str, required: bool = False) -> list[str] | None:
+        """A JSON array of event names (`event=["a","b"]`); a bare name too."""
+        value = self.params.get(name)
+        if value is None or value == "":
+            if required:
+                raise self.error(400, f"{name} is a required parameter")
+            return None
+        if isinstance(value, str) and value.lstrip().startswith("["):
+            value = self.json_value(name)
+        if isinstance(value, str):
+            return [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.error(400, f"{name} must be a JSON array of event names")
+        return value
+
+    def expression(self, name: str, *aliases: str) -> _Expression | None:
+        text = None
+        for key in (name,) + aliases:
+            text = self.text(key)
+            if text:
+                break
+        if not text:
+            return None
+        try:
+            return _compile_expression(text)
+        except ExpressionError as exc:
+            raise self.error(400, f"invalid {name}: {exc}") from None
+
+    def choice(self, name: str, options: tuple, default: str) -> str:
+        value = self.text(name, default)
+        if value not in options:
+            raise self.error(400, f"{name} must be one of {', '.join(options)}")
+        return value
+
+    def date_range(self, utc: bool = False) -> tuple[datetime.date, datetime.date]:
+        """`from_date`/`to_date` (inclusive), or the last `interval` units."""
+        today = self.today(utc)
+        if self.params.get("from_date") in (None, "") and self.params.get("interval") not in (None, ""):
+            unit = self.text("unit", "day")
+            count = self.integer("interval", 1, low=1, high=3650)
+            start = _bucket_start(unit if unit in ("week", "month") else "day", today)
+            for _ in range(count - 1):
+                start = _bucket_start(unit if unit in ("week", "month") else "day",
+                                      start - datetime.timedelta(days=1))
+            return start, today
+        first = self.date("from_date", required=True)
+        last = self.date("to_date", required=True)
+        if first > last:
+            raise self.error(400, "from_date cannot be later than to_date")
+        return first, last
+
+    def date(self, name: str, required: bool = False) -> datetime.date:
+        text = self.text(name, required=required)
+        if text is None:
+            return self.today()
+        if not _DATE_RE.match(text):
+            raise self.error(400, f"Error in {name}: invalid date, expected YYYY-MM-DD")
+        try:
+            value = datetime.date.fromisoformat(text)
+        except ValueError:
+            raise self.error(400, f"Error in {name}: invalid date") from None
+        if value.year < 2000:
+            raise self.error(400, f"Error in {name}: invalid date, bad year")
+        return value
+
+    def today(self, utc: bool = False) -> datetime.date:
+        zone = datetime.timezone.utc if utc else self.tz
+        return datetime.datetime.fromtimestamp(self.now, zone).date()
+
+    def bounds(self, first: datetime.date, last: datetime.date, utc: bool = False) -> tuple[float, float]:
+        """Epoch seconds from the start of ``first`` to the end of ``last``."""
+        zone = datetime.timezone.utc if utc else self.tz
+        start = datetime.datetime.combine(first, datetime.time(), zone).timestamp()
+        end = datetime.datetime.combine(last + datetime.timedelta(days=1), datetime.time(), zone)
+        return start, end.timestamp()
+
+    # --- the events a report counts -----------------------------------------
+
+    def events(self, start: float, end: float, names: list[str] | None,
+               where: _Expression | None, dedup: bool = True) -> list[tuple[dict, str]]:
+        """``(event, canonical distinct_id)`` in [start, end), deduplicated as
+        reports are (the latest copy wins), filtered by ``where``."""
+        with self.store.lock:
+            events = self.state.events
+            count = len(events)
+        wanted = None if names is None else set(names)
+        resolve = self.state.identity.resolve
+        picked: dict[Any, dict] = {}
+        order = 0
+        for position in range(count):
+            event = events[position]
+            if wanted is not None and event["event"] not in wanted:
+                continue
+            props = event["properties"]
+            ts = props.get("time")
+            if not isinstance(ts, _NUMBER_TYPES) or not start <= ts < end:
+                continue
+            if dedup:
+                key = (event["event"], _id_text(props.get("distinct_id")), ts, props.get("$insert_id"))
+            else:
+                key = order
+                order += 1
+            picked[key] = event
+        rows = []
+        scope = _Scope() if where is not None and (where.uses_user or where.uses_behaviors) else None
+        profiles = self.state.profiles
+        for event in picked.values():
+            props = event["properties"]
+            distinct_id = _id_text(props.get("distinct_id"))
+            person = resolve(distinct_id) if distinct_id is not None else None
+            if where is not None:
+                if scope is not None:
+                    scope.event = event["event"]
+                    scope.user = profiles.get(person) if person is not None else None
+                    if where.matches(props, scope):
+                        rows.append((event, person))
+                    continue
+                if not where.matches(props):
+                    continue
+            rows.append((event, person))
+        rows.sort(key=_event_time)
+        return rows
+
+
+def _event_time(row: tuple[dict, Any]) -> Any:
+    return row[0]["properties"]["time"]
+
+
+def _zone(name: str) -> datetime.tzinfo:
+    """The project timezone (stdlib zoneinfo; UTC when unknown)."""
+    if name in ("UTC", "Etc/UTC", ""):
+        return datetime.timezone.utc
+    try:
+        import zoneinfo  # imported lazily: start-up does not need it
+        return zoneinfo.ZoneInfo(name)
+    except Exception:  # no tz database, or an unknown name
+        return datetime.timezone.utc
+
+
+class _Buckets:
+    """Epoch seconds to the label of their time bucket, in the project
+    timezone; offsets are cached per hour, so a million events stay cheap."""
+
+    def __init__(self, unit: str, tz: datetime.tzinfo, first: datetime.date | None = None,
+                 days: int = 0):
+        self.unit = unit
+        self.tz = tz
+        self.first = first
+        self.days = days  # `interval`: buckets of N days from `first`
+        self.offsets: dict[int, float] = {}
+        self.labels: dict[int, str] = {}
+
+    def local(self, ts: float) -> float:
+        hour = int(ts // 3600)
+        offset = self.offsets.get(hour)
+        if offset is None:
+            moment = datetime.datetime.fromtimestamp(hour * 3600, self.tz)
+            offset = self.offsets[hour] = moment.utcoffset().total_seconds()
+        return ts + offset
+
+    def label(self, ts: float) -> str:
+        local = self.local(ts)
+        if self.unit == "minute":
+            slot = int(local // 60)
+        elif self.unit == "hour":
+            slot = int(local // 3600)
+        else:
+            slot = int(local // 86400)
+        found = self.labels.get(slot)
+        if found is None:
+            found = self.labels[slot] = self._name(slot)
+        return found
+
+    def _name(self, slot: int) -> str:
+        if self.unit == "minute":
+            moment = datetime.datetime(1970, 1, 1) + datetime.timedelta(minutes=slot)
+            return moment.strftime("%Y-%m-%d %H:%M:00")
+        if self.unit == "hour":
+            moment = datetime.datetime(1970, 1, 1) + datetime.timedelta(hours=slot)
+            return moment.strftime("%Y-%m-%d %H:00:00")
+        day = datetime.date(1970, 1, 1) + datetime.timedelta(days=slot)
+        if self.days and self.first is not None:
+            day = self.first + datetime.timedelta(days=((day - self.first).days // self.days) * self.days)
+            return day.isoformat()
+        return _bucket_start(self.unit, day).isoformat()
+
+    def series(self, first: datetime.date, last: datetime.date) -> list[str]:
+        """Every label from ``first`` to ``last``, in order (zero-filled)."""
+        labels = []
+        if self.unit in ("minute", "hour"):
+            step = 60 if self.unit == "minute" else 3600
+            start = datetime.datetime.combine(first, datetime.time())
+            end = datetime.datetime.combine(last + datetime.timedelta(days=1), datetime.time())
+            moment = start
+            while moment < end:
+                labels.append(moment.strftime("%Y-%m-%d %H:%M:00" if step == 60 else "%Y-%m-%d %H:00:00"))
+                moment += datetime.timedelta(seconds=step)
+            return labels
+        day = first
+        while day <= last:
+            if self.days:
+                name = (first + datetime.timedelta(
+                    days=((day - first).days // self.days) * self.days)).isoformat()
+            else:
+                name = _bucket_start(self.unit, day).isoformat()
+            if not labels or labels[-1] != name:
+                labels.append(name)
+            day += datetime.timedelta(days=1)
+        return labels
+
+
+def _bucket_start(unit: str, day: datetime.date) -> datetime.date:
+    """Weeks start on Monday (Mixpanel's examples), months on the 1st."""
+    if unit == "week":
+        return day - datetime.timedelta(days=day.weekday())
+    if unit == "month":
+        return day.replace(day=1)
+    return day
+
+
+def _segment_keys(value: Any) -> list[str]:
+    """The segment(s) an `on` value counts in: lists count once per item;
+    undefined counts nowhere (README: a choice)."""
+    if value is _UNDEF:
+        return []
+    if isinstance(value, list):
+        keys: list[str] = []
+        for item in value:
+            for key in _segment_keys(item):
+                if key not in keys:
+                    keys.append(key)
+        return keys
+    if value is None:
+        return ["null"]
+    text = _fn_string(value)
+    return [text] if isinstance(text, str) else []
+
+
+def _computed_at(q: _Query) -> str:
+    return datetime.datetime.fromtimestamp(q.now, datetime.timezone.utc).isoformat()
+
+
+def _count_series(rows: list[tuple[dict, Any]], buckets: _Buckets, kind: str,
+                  key_of: Callable[[dict], list[str]]) -> dict[str, dict[str, Any]]:
+    """{segment: {bucket: value}} for general, unique or average counts."""
+    totals: dict[str, dict[str, int]] = {}
+    people: dict[str, dict[str, set]] = {}
+    for event, person in rows:
+        label = buckets.label(event["properties"]["time"])
+        for key in key_of(event):
+            totals.setdefault(key, {}).setdefault(label, 0)
+            totals[key][label] += 1
+            if kind != "general" and person is not None:
+                people.setdefault(key, {}).setdefault(label, set()).add(person)
+    if kind == "general":
+        return totals
+    if kind == "unique":
+        return {key: {label: len(ids) for label, ids in labels.items()}
+                for key, labels in people.items()}
+    return {key: {label: round(count / len(people[key][label]), 6)
+                  for label, count in labels.items() if people.get(key, {}).get(label)}
+            for key, labels in totals.items()}
+
+
+def _top(values: dict[str, dict[str, Any]], limit: int) -> dict[str, dict[str, Any]]:
+    ranked = sorted(values.items(), key=lambda item: (-sum(item[1].values()), item[0]))
+    return dict(ranked[:limit])
+
+
+def _fill(values: dict[str, dict[str, Any]], series: list[str]) -> dict[str, dict[str, Any]]:
+    return {key: {label: counts.get(label, 0) for label in series} for key, counts in values.items()}
+
+
+# --- raw export ----------------------------------------------------------------
+
+
+def _export(store: Store, req: _Request) -> _Response:
+    """Every stored copy as JSONL, streamed in constant memory.
+
+    Mixpanel: GET /api/2.0/export (data.mixpanel.com).  Dates are UTC days
+    (projects created since 2023); errors are plain text, as Mixpanel's are.
+    """
+    try:
+        q = _Query(store, req)
+        first, last = q.date_range(utc=True)
+        if last > q.today(utc=True):
+            raise q.error(400, "to_date cannot be later than today")
+        names = q.names("event")
+        where = q.expression("where")
+        limit = q.integer("limit", 0, low=0, high=_EXPORT_MAX_LIMIT) if q.params.get("limit") else None
+        in_ms = q.flag("time_in_ms")
+    except ApiError as exc:
+        message = exc.body.get("error", "") if isinstance(exc.body, dict) else str(exc.body)
+        raise ApiError(exc.status, message, "text/plain; charset=utf-8") from None
+    start, end = q.bounds(first, last, utc=True)
+    with store.lock:
+        events = q.state.events
+        count = len(events)
+    resolve = q.state.identity.resolve
+    wanted = None if names is None else set(names)
+
+    def lines() -> Any:
+        sent = 0
+        for position in range(count):
+            event = events[position]
+            if wanted is not None and event["event"] not in wanted:
+                continue
+            props = event["properties"]
+            ts = props.get("time")
+            if not isinstance(ts, _NUMBER_TYPES) or not start <= ts < end:
+                continue
+            if where is not None and not where.matches(props):
+                continue
+            yield _dumps({"event": event["event"], "properties": _export_properties(props, resolve, in_ms)}) + b"\n"
+            sent += 1
+            if limit is not None and sent >= limit:
+                return
+
+    return _Response(200, _batched(lines()), "text/plain; charset=utf-8")
+
+
+def _export_properties(props: dict, resolve: Callable[[str], str], in_ms: bool) -> dict:
+    """What export shows of a stored event: no token, the canonical
+    distinct_id (the original kept as `$distinct_id_before_identity`), and
+    `time` in whole seconds, or milliseconds with time_in_ms."""
+    out = {k: v for k, v in props.items() if k != "token"}
+    ts = props["time"]
+    out["time"] = int(round(ts * 1000)) if in_ms else int(ts)
+    distinct_id = _id_text(props.get("distinct_id"))
+    if distinct_id is not None:
+        canonical = resolve(distinct_id)
+        if canonical != distinct_id:
+            out["distinct_id"] = canonical
+            out["$distinct_id_before_identity"] = props["distinct_id"]
+    return out
+
+
+def _batched(chunks: Any, size: int = 64 * 1024) -> Any:
+    """Join small pieces into writes of about ``size`` bytes."""
+    buffer: list[bytes] = []
+    held = 0
+    for chunk in chunks:
+        buffer.append(chunk)
+        held += len(chunk)
+        if held >= size:
+            yield b"".join(buffer)
+            buffer, held = [], 0
+    if buffer:
+        yield b"".join(buffer)
+
+
+# --- engage (profile query) ------------------------------------------------------
+
+
+def _engage_query(store: Store, req: _Request) -> _Response:
+    """Profiles matching `where`/`selector`, ids, a cohort, or a group key.
+
+    Mixpanel: POST /api/query/engage.  The result set is frozen per
+    `session_id`; pages past the end are empty; `total` counts every match.
+    """
+    q = _Query(store, req)
+    page = q.integer("page", 0)
+    page_size = q.integer("page_size", _ENGAGE_PAGE_SIZE, low=1, high=10000)
+    session_id = q.text("session_id")
+    if page > 0 and not session_id:
+        raise q.error(400, "session_id is required for page > 0")
+    if session_id:
+        with store.lock:
+            results = q.state.sessions.get(session_id)
+        if results is None:
+            raise q.error(400, f"unknown or expired session_id {session_id!r}")
+    else:
+        results = _engage_results(q)
+        session_id = f"{int(q.now)}-{os.urandom(4).hex()}"
+        with store.lock:
+            sessions = q.state.sessions
+            sessions[session_id] = results
+            while len(sessions) > _ENGAGE_SESSIONS:
+                sessions.pop(next(iter(sessions)))
+    chunk = results[page * page_size:(page + 1) * page_size]
+    return _json(200, {"page": page, "page_size": page_size, "session_id": session_id,
+                       "status": "ok", "total": len(results), "results": chunk})
+
+
+def _engage_results(q: _Query) -> list[dict]:
+    where = q.expression("where", "selector")
+    wanted = q.json_value("distinct_ids")
+    one = q.text("distinct_id")
+    if one is not None:
+        wanted = [one]
+    if wanted is not None and (not isinstance(wanted, list) or
+                               any(_id_text(v) is None for v in wanted)):
+        raise q.error(400, "distinct_ids must be a JSON array of ids")
+    outputs = q.json_value("output_properties")
+    if outputs is not None and (not isinstance(outputs, list) or
+                                not all(isinstance(v, str) for v in outputs)):
+        raise q.error(400, "output_properties must be a JSON array of property names")
+    members = _cohort_members(q)
+    group_key = q.text("data_group_id")
+    with q.store.lock:
+        if group_key is not None:
+            table = {key[1]: props for key, props in q.state.groups.items()
+                     if key[0] == group_key or str(_group_key_id(key[0])) == group_key}
+        else:
+            table = dict(q.state.profiles)
+    if wanted is not None:
+        order = [_id_text(v) for v in wanted]
+        candidates = [(i, table[i]) for i in dict.fromkeys(order) if i in table]
+    else:
+        candidates = sorted(table.items(), key=lambda item: item[0])
+    results = []
+    for distinct_id, props in candidates:
+        if members is not None and distinct_id not in members:
+            continue
+        if where is not None and not where.matches(props):
+            continue
+        shown = props if outputs is None else {k: props[k] for k in outputs if k in props}
+        key = "$group_id" if group_key is not None else "$distinct_id"
+        results.append({key: distinct_id, "$properties": shown})
+    if members is not None and group_key is None and not q.params.get("include_all_users") in (
+            False, "false", "0"):
+        known = {r["$distinct_id"] for r in results}
+        for distinct_id in sorted(members - known - set(table)):
+            results.append({"$distinct_id": distinct_id, "$properties": {}})
+    return results
+
+
+def _group_key_id(group_key: str) -> int:
+    """A stable numeric id per group key, standing in for `data_group_id`."""
+    return -_derive_project_id(group_key)
+
+
+def _cohort_members(q: _Query) -> set | None:
+    selection = q.json_value("filter_by_cohort")
+    if selection is None:
+        return None
+    if not isinstance(selection, dict) or "id" not in selection:
+        raise q.error(400, 'filter_by_cohort must be a JSON object such as {"id": 123}')
+    with q.store.lock:
+        cohort = q.state.cohorts.get(_id_text(selection["id"]))
+        profiles = dict(q.state.profiles)
+    if cohort is None:
+        raise q.error(400, f"no cohort with id {selection['id']}")
+    return _cohort_ids(cohort, profiles)
+
+
+def _cohort_ids(cohort: dict, profiles: dict) -> set:
+    if cohort.get("distinct_ids") is not None:
+        return set(cohort["distinct_ids"])
+    where = _compile_expression(cohort["where"]) if cohort.get("where") else None
+    return {i for i, props in profiles.items() if where is None or where.matches(props)}
+
+
+# --- events and their properties -------------------------------------------------
+
+
+def _events_report(store: Store, req: _Request) -> _Response:
+    """Counts per event and bucket.  Mixpanel: GET /api/2.0/events.
+
+    The seed's clients call it with only `event=[...]`: defaults fill in
+    (type general, unit day, the last 30 days) and an extra `events` key
+    holds the matching stored events, as the seed returned them.
+    """
+    q = _Query(store, req)
+    names = q.names("event", required=True)
+    seed_style = all(q.params.get(k) in (None, "") for k in ("type", "unit", "from_date", "interval"))
+    kind = q.choice("type", ("general", "unique", "average"), "general")
+    unit = q.choice("unit", _UNITS, "day")
+    if seed_style:
+        q.params["interval"] = "30"
+    first, last = q.date_range()
+    start, end = q.bounds(first, last)
+    buckets = _Buckets(unit, q.tz)
+    rows = q.events(start, end, names, None)
+    values = _count_series(rows, buckets, kind, lambda e: [e["event"]])
+    series = buckets.series(first, last)
+    values = _fill({name: values.get(name, {}) for name in names}, series)
+    answer: dict[str, Any] = {"data": {"series": series, "values": values}, "legend_size": len(values)}
+    if seed_style:
+        with store.lock:
+            stored = list(q.state.events)
+        answer["events"] = [{"event": e["event"], "properties": e["properties"]}
+                            for e in stored if e["event"] in names]
+    return _json(200, answer)
+
+
+def _events_top(store: Store, req: _Request) -> _Response:
+    """Today's top events with the change from yesterday.  GET /events/top."""
+    q = _Query(store, req)
+    kind = q.choice("type", ("general", "unique", "average"), "general")
+    limit = q.integer("limit", 100, low=1)
+    today = q.today()
+    start, end = q.bounds(today - datetime.timedelta(days=1), today)
+    middle = q.bounds(today, today)[0]
+    counts: dict[str, list] = {}
+    for event, person in q.events(start, end, None, None):
+        slot = 1 if event["properties"]["time"] >= middle else 0
+        entry = counts.setdefault(event["event"], [0, 0, set(), set()])
+        entry[slot] += 1
+        if person is not None:
+            entry[2 + slot].add(person)
+    rows = []
+    for name, (yesterday, now_count, old_people, new_people) in counts.items():
+        amount, before = (len(new_people), len(old_people)) if kind == "unique" else (now_count, yesterday)
+        if kind == "average":
+            amount = now_count / len(new_people) if new_people else 0
+            before = yesterday / len(old_people) if old_people else 0
+        change = (amount - before) / before if before else (1.0 if amount else 0.0)
+        if amount:
+            rows.append({"amount": amount, "event": name, "percent_change": round(change, 6)})
+    rows.sort(key=lambda r: (-r["amount"], r["event"]))
+    return _json(200, {"events": rows[:limit], "type": kind})
+
+
+def _events_names(store: Store, req: _Request) -> _Response:
+    """Event names of the last 31 days, most frequent first.  GET /events/names."""
+    q = _Query(store, req)
+    q.choice("type", ("general", "unique", "average"), "general")
+    limit = q.integer("limit", 255, low=1)
+    today = q.today()
+    start, end = q.bounds(today - datetime.timedelta(days=30), today)
+    counts: dict[str, int] = {}
+    for event, _ in q.events(start, end, None, None):
+        counts[event["event"]] = counts.get(event["event"], 0) + 1
+    ranked = sorted(counts, key=lambda name: (-counts[name], name))
+    return _json(200, ranked[:min(limit, 5000)])
+
+
+def _events_properties(store: Store, req: _Request) -> _Response:
+    """One property's values per bucket.  GET /events/properties."""
+    q = _Query(store, req)
+    event_name = q.text("event", required=True)
+    name = q.text("name", required=True)
+    kind = q.choice("type", ("general", "unique", "average"), "general")
+    unit = q.choice("unit", _UNITS, "day")
+    limit = q.integer("limit", 255, low=1)
+    only = q.json_value("values")
+    first, last = q.date_range()
+    start, end = q.bounds(first, last)
+    buckets = _Buckets(unit, q.tz)
+    rows = q.events(start, end, [event_name], None)
+
+    def keys(event: dict) -> list[str]:
+        found = _segment_keys(_read_property(event["properties"], name))
+        return [k for k in found if only is None or k in only]
+    values = _top(_count_series(rows, buckets, kind, keys), limit)
+    series = buckets.series(first, last)
+    return _json(200, {"data": {"series": series, "values": _fill(values, series)},
+                       "legend_size": len(values)})
+
+
+def _events_properties_top(store: Store, req: _Request) -> _Response:
+    """The properties an event carries most often.  GET /events/properties/top."""
+    q = _Query(store, req)
+    event_name = q.text("event", required=True)
+    limit = q.integer("limit", 10, low=1)
+    today = q.today()
+    start, end = q.bounds(today - datetime.timedelta(days=30), today)
+    counts: dict[str, int] = {}
+    for event, _ in q.events(start, end, [event_name], None):
+        for key in event["properties"]:
+            counts[key] = counts.get(key, 0) + 1
+    ranked = sorted(counts, key=lambda k: (-counts[k], k))[:limit]
+    return _json(200, {key: {"count": counts[key]} for key in ranked})
+
+
+def _events_properties_values(store: Store, req: _Request) -> _Response:
+    """A property's most common values.  GET /events/properties/values."""
+    q = _Query(store, req)
+    event_name = q.text("event")
+    name = q.text("name", required=True)
+    limit = q.integer("limit", 255, low=1)
+    today = q.today()
+    start, end = q.bounds(today - datetime.timedelta(days=30), today)
+    counts: dict[str, int] = {}
+    for event, _ in q.events(start, end, None if event_name is None else [event_name], None):
+        for key in _segment_keys(_read_property(event["properties"], name)):
+            counts[key] = counts.get(key, 0) + 1
+    ranked = sorted(counts, key=lambda k: (-counts[k], k))
+    return _json(200, ranked[:limit])
+
+
+# --- segmentation -----------------------------------------------------------------
+
+
+def _segmentation_rows(q: _Query) -> tuple[list, _Buckets, datetime.date, datetime.date]:
+    event_name = q.text("event", required=True)
+    unit = q.choice("unit", _UNITS, "day")
+    first, last = q.date_range()
+    days = q.integer("interval", 0, low=0) if q.params.get("from_date") else 0
+    buckets = _Buckets(unit, q.tz, first, days)
+    start, end = q.bounds(first, last)
+    rows = q.events(start, end, [event_name], q.expression("where"))
+    return rows, buckets, first, last
+
+
+def _segmentation(store: Store, req: _Request) -> _Response:
+    """Counts of one event per bucket, optionally segmented by `on`.
+
+    Mixpanel: GET /api/query/segmentation.  Every bucket is listed (zero
+    filled); segments are the top `limit` by total count.
+    """
+    q = _Query(store, req)
+    kind = q.choice("type", ("general", "unique", "average"), "general")
+    limit = q.integer("limit", 60, low=1, high=10000)
+    on = q.expression("on")
+    rows, buckets, first, last = _segmentation_rows(q)
+    event_name = q.text("event")
+    if on is None:
+        values = _count_series(rows, buckets, kind, lambda e: [event_name])
+        values = {event_name: values.get(event_name, {})}
+    else:
+        values = _top(_count_series(rows, buckets, kind,
+                                    lambda e: _segment_keys(on.value(e["properties"]))), limit)
+    series = buckets.series(first, last)
+    return _json(200, {"data": {"series": series, "values": _fill(values, series)},
+                       "legend_size": len(values)})
+
+
+def _segmentation_numeric(store: Store, req: _Request) -> _Response:
+    """Counts per numeric range of `on`.  GET /segmentation/numeric.
+
+    Ranges have equal, round widths (1, 2 or 5 times a power of ten) and are
+    labelled like "2,000 - 2,100"; a range lists only the dates it has.
+    """
+    q = _Query(store, req)
+    kind = q.choice("type", ("general", "unique", "average"), "general")
+    on = q.expression("on")
+    if on is None:
+        raise q.error(400, "on is a required parameter")
+    count = q.integer("buckets", 10, low=1, high=1000)
+    rows, buckets, _, _ = _segmentation_rows(q)
+    numbers = []
+    for event, person in rows:
+        value = on.value(event["properties"])
+        if _kind(value) == "number":
+            numbers.append((value, event, person))
+    if not numbers:
+        return _json(200, {"data": {"series": [], "values": {}}, "legend_size": 0})
+    low = min(n for n, _, _ in numbers)
+    high = max(n for n, _, _ in numbers)
+    width = _nice_width((high - low) / count if high > low else 1)
+    base = math.floor(low / width) * width
+
+    def label(value: float) -> str:
+        lo = base + math.floor((value - base) / width) * width
+        return f"{_group_digits(lo)} - {_group_digits(lo + width)}"
+    ranges = {id(e): label(n) for n, e, _ in numbers}
+    picked = [(e, p) for _, e, p in numbers]
+    values = _count_series(picked, buckets, kind, lambda e: [ranges[id(e)]])
+    series = sorted({label for counts in values.values() for label in counts})
+    return _json(200, {"data": {"series": series, "values": values}, "legend_size": len(values)})
+
+
+def _nice_width(raw: float) -> float:
+    exponent = math.floor(math.log10(raw)) if raw > 0 else 0
+    for step in (1, 2, 5, 10):
+        width = step * 10 ** exponent
+        if width >= raw:
+            return width
+    return 10 ** (exponent + 1)
+
+
+def _group_digits(value: float) -> str:
+    return f"{int(value):,}" if float(value).is_integer() else f"{value:,}"
+
+
+def _segmentation_sum(store: Store, req: _Request) -> _Response:
+    """The sum of `on` per bucket; non-numbers count as 0.  GET /segmentation/sum."""
+    return _segmentation_aggregate(store, req, average=False)
+
+
+def _segmentation_average(store: Store, req: _Request) -> _Response:
+    """The mean of `on` per bucket, over every matching event.  GET /segmentation/average."""
+    return _segmentation_aggregate(store, req, average=True)
+
+
+def _segmentation_aggregate(store: Store, req: _Request, average: bool) -> _Response:
+    q = _Query(store, req)
+    on = q.expression("on")
+    if on is None:
+        raise q.error(400, "on is a required parameter")
+    if q.text("unit", "day") not in ("hour", "day"):
+        raise q.error(400, "unit must be one of hour, day")
+    rows, buckets, first, last = _segmentation_rows(q)
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for event, _ in rows:
+        value = on.value(event["properties"])
+        label = buckets.label(event["properties"]["time"])
+        sums[label] = sums.get(label, 0.0) + (float(value) if _kind(value) == "number" else 0.0)
+        counts[label] = counts.get(label, 0) + 1
+    results = {label: (sums.get(label, 0.0) / counts[label] if average and counts.get(label)
+                       else sums.get(label, 0.0)) for label in buckets.series(first, last)}
+    return _json(200, {"status": "ok", "computed_at": _computed_at(q), "results": results})
+
+
+# --- funnels ------------------------------------------------------------------------
+
+
+_LENGTH_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+
+
+def _funnels_list(store: Store, req: _Request) -> _Response:
+    """Saved funnels.  GET /api/query/funnels/list."""
+    q = _Query(store, req)
+    with store.lock:
+        funnels = [{"funnel_id": fid, "name": f["name"]} for fid, f in q.state.funnels.items()]
+    return _json(200, funnels)
+
+
+def _funnels(store: Store, req: _Request) -> _Response:
+    """A funnel computed from stored events.  GET /api/query/funnels.
+
+    `funnel_id` names a funnel saved with `mp.add_funnel`; an inline
+    `events=[{"event": ...}, ...]` is the fake's documented extension.
+    """
+    q = _Query(store, req)
+    steps_param = q.json_value("events")
+    if steps_param is not None:
+        funnel = _funnel_definition("inline", steps_param, 30, None, q.error)
+    else:
+        funnel_id = q.integer("funnel_id", -1)
+        with store.lock:
+            funnel = q.state.funnels.get(funnel_id)
+        if funnel is None:
+            raise q.error(400, f"funnel_id {q.params.get('funnel_id')} does not name a saved funnel")
+    length_unit = q.choice("length_unit", tuple(_LENGTH_UNITS), "day")
+    length = q.integer("length", funnel["window"] if length_unit == "day" else 0, low=0)
+    window = (length or funnel["window"]) * (_LENGTH_UNITS[length_unit] if length else 86400)
+    window = min(window, 90 * 86400)
+    unit = q.choice("unit", ("day", "week", "month"), "day")
+    limit = q.integer("limit", 255, low=1, high=10000)
+    first, last = q.date_range()
+    days = q.integer("interval", 0, low=0)
+    buckets = _Buckets(unit, q.tz, first, days if days > 1 else 0)
+    start, end = q.bounds(first, last)
+    where = q.expression("where")
+    on = q.expression("on")
+    names = [step["event"] for step in funnel["steps"]]
+    step_filters = [_compile_expression(s["where"]) if s.get("where") else None for s in funnel["steps"]]
+    funnel_where = _compile_expression(funnel["where"]) if funnel.get("where") else None
+    rows = q.events(start, end + window, list(set(names)), where)
+    by_person: dict[Any, list[dict]] = {}
+    for event, person in rows:
+        if person is None:
+            continue
+        if funnel_where is not None and not funnel_where.matches(event["properties"]):
+            continue
+        by_person.setdefault(person, []).append(event)
+    results: dict[str, dict[str, list]] = {}
+    for person, events in by_person.items():
+        _walk_funnel(events, names, step_filters, start, end, window, buckets, on, results)
+    dates = buckets.series(first, last)
+    data = {}
+    for label in dates:
+        segments = results.get(label, {})
+        overall = _funnel_steps(segments.get("$overall"), funnel["steps"])
+        if on is None:
+            data[label] = {"steps": overall, "analysis": _funnel_analysis(overall)}
+        else:
+            ranked = sorted((k for k in segments if k != "$overall"),
+                            key=lambda k: (-len(segments[k][0]), k))[:limit]
+            entry = {"$overall": overall}
+            for key in ranked:
+                entry[key] = _funnel_steps(segments[key], funnel["steps"])
+            data[label] = entry
+    return _json(200, {"computed_at": _computed_at(q), "meta": {"dates": dates}, "data": data})
+
+
+def _walk_funnel(events: list[dict], names: list[str], filters: list, start: float, end: float,
+                 window: float, buckets: _Buckets, on: _Expression | None,
+                 results: dict[str, dict[str, list]]) -> None:
+    """One person's way through the funnel, counted in the bucket of their
+    first entry (step 1 inside the date range): each later step must come
+    after the previous one and within the window of the entry."""
+    for index, event in enumerate(events):
+        props = event["properties"]
+        if event["event"] != names[0] or not start <= props["time"] < end:
+            continue
+        if filters[0] is not None and not filters[0].matches(props):
+            continue
+        label = buckets.label(props["time"])
+        times = [props["time"]]
+        step = 1
+        for later in events[index + 1:]:
+            if step == len(names):
+                break
+            later_props = later["properties"]
+            if later_props["time"] > times[0] + window:
+                break
+            if later["event"] == names[step] and (
+                    filters[step] is None or filters[step].matches(later_props)):
+                times.append(later_props["time"])
+                step += 1
+        keys = ["$overall"] + (_segment_keys(on.value(props)) if on is not None else [])
+        for key in keys:
+            counts = results.setdefault(label, {}).setdefault(key, [[] for _ in names])
+            for reached in range(len(times)):
+                counts[reached].append((times[reached] - times[reached - 1] if reached else None,
+                                        times[reached] - times[0]))
+        return
+
+
+def _funnel_steps(counts: list | None, steps: list[dict]) -> list[dict]:
+    out = []
+    first = len(counts[0]) if counts else 0
+    previous = first
+    for index, step in enumerate(steps):
+        reached = counts[index] if counts else []
+        count = len(reached)
+        gaps = [g for g, _ in reached if g is not None]
+        from_start = [t for _, t in reached]
+        out.append({
+            "count": count,
+            "avg_time": round(sum(gaps) / len(gaps)) if gaps and index else None,
+            "avg_time_from_start": round(sum(from_start) / len(from_start)) if from_start and index else None,
+            "step_conv_ratio": 1 if index == 0 else (round(count / previous, 4) if previous else 0),
+            "overall_conv_ratio": 1 if index == 0 else (round(count / first, 4) if first else 0),
+            "goal": step["event"], "event": step["event"], "step_label": step["event"]})
+        previous = count
+    return out
+
+
+def _funnel_analysis(steps: list[dict]) -> dict:
+    ratios = [s["step_conv_ratio"] for s in steps[1:]]
+    worst = 1 + ratios.index(min(ratios)) if ratios else 0
+    return {"completion": steps[-1]["count"] if steps else 0,
+            "starting_amount": steps[0]["count"] if steps else 0,
+            "steps": len(steps), "worst": worst}
+
+
+def _funnel_definition(name: Any, steps: Any, window: Any, where: Any,
+                       error: Callable[[int, str], Exception]) -> dict:
+    """Check a funnel: a name, 2+ steps (event names or {"event", "where"}),
+    a window in days (1 to 90), an optional `where`."""
+    if not isinstance(name, str) or not name:
+        raise error(400, "a funnel needs a name")
+    if not isinstance(steps, list) or len(steps) < 2:
+        raise error(400, "a funnel needs at least 2 steps")
+    checked = []
+    for step in steps:
+        if isinstance(step, str):
+            step = {"event": step}
+        if not isinstance(step, dict) or not isinstance(step.get("event"), str):
+            raise error(400, 'each funnel step is an event name or {"event": name, "where": expr}')
+        checked.append({"event": step["event"], "where": step.get("where")})
+    if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= 90:
+        raise error(400, "window must be a whole number of days from 1 to 90")
+    for text in [where] + [s["where"] for s in checked]:
+        if text is not None:
+            try:
+                _compile_expression(text)
+            except (ExpressionError, TypeError) as exc:
+                raise error(400, f"invalid where: {exc}") from None
+    return {"name": name, "steps": checked, "window": window, "where": where}
+
+
+# --- retention -----------------------------------------------------------------------
+
+
+def _retention(store: Store, req: _Request) -> _Response:
+    """Cohorts by first `born_event` (or by `event`, compounded) and how many
+    came back in each interval after.  GET /api/query/retention."""
+    q = _Query(store, req)
+    kind = q.choice("retention_type", ("birth", "compounded"), "birth")
+    unit = q.choice("unit", ("day", "week", "month"), "day")
+    born_name = q.text("born_event", required=kind == "birth")
+    event_name = q.text("event")
+    interval = q.integer("interval", 1, low=1, high=90 if unit == "day" else 1000)
+    intervals = q.integer("interval_count", 1, low=1, high=1000)
+    unbounded = q.flag("unbounded_retention")
+    born_where = q.expression("born_where")
+    where = q.expression("where")
+    first, last = q.date_range()
+    start, end = q.bounds(first, last)
+    buckets = _Buckets(unit, q.tz)
+    length = interval * {"day": 86400, "week": 7 * 86400, "month": 30 * 86400}[unit]
+    horizon = end + length * (intervals + 1)
+    returns: dict[Any, list[float]] = {}
+    for event, person in q.events(start, horizon, None if event_name is None else [event_name], where):
+        if person is not None:
+            returns.setdefault(person, []).append(event["properties"]["time"])
+    born: dict[Any, float] = {}
+    if kind == "birth":
+        # First time ever: the born event's earliest time, if in the range.
+        for event, person in q.events(0, horizon, [born_name], born_where):
+            if person is not None and person not in born:
+                born[person] = event["properties"]["time"]
+        born = {p: t for p, t in born.items() if start <= t < end}
+    else:
+        for person, times in returns.items():
+            inside = [t for t in times if start <= t < end]
+            if inside:
+                born[person] = inside[0]
+    table: dict[str, dict[str, Any]] = {}
+    for person, born_at in born.items():
+        label = buckets.label(born_at)
+        row = table.setdefault(label, {"counts": [0] * (intervals + 1), "first": 0})
+        row["first"] += 1
+        hit = set()
+        for ts in returns.get(person, ()):
+            if ts <= born_at and not (kind == "compounded" and ts == born_at):
+                continue
+            slot = int((ts - born_at) // length)
+            if slot <= intervals:
+                hit.add(slot)
+        for slot in hit:
+            row["counts"][slot] += 1
+    if unbounded:
+        for row in table.values():
+            for slot in range(intervals - 1, -1, -1):
+                row["counts"][slot] = max(row["counts"][slot], row["counts"][slot + 1])
+    return _json(200, {label: table[label] for label in sorted(table)})
+
+
+def _retention_addiction(store: Store, req: _Request) -> _Response:
+    """How many people did the event in at least k+1 distinct hours (or
+    days) of each period.  GET /api/query/retention/addiction."""
+    q = _Query(store, req)
+    unit = q.choice("unit", ("day", "week", "month"), "day")
+    addiction_unit = q.choice("addiction_unit", ("hour", "day"), "hour")
+    if unit == "day" and addiction_unit == "day":
+        raise q.error(400, "addiction_unit must be smaller than unit")
+    first, last = q.date_range()
+    start, end = q.bounds(first, last)
+    buckets = _Buckets(unit, q.tz)
+    small = _Buckets(addiction_unit, q.tz)
+    seen: dict[str, dict[Any, set]] = {}
+    for event, person in q.events(start, end, q.names("event"), q.expression("where")):
+        if person is None:
+            continue
+        ts = event["properties"]["time"]
+        seen.setdefault(buckets.label(ts), {}).setdefault(person, set()).add(small.label(ts))
+    size = 24 if addiction_unit == "hour" else (7 if unit == "week" else 31)
+    data = {}
+    for label in buckets.series(first, last):
+        people = seen.get(label, {})
+        data[label] = [sum(1 for slots in people.values() if len(slots) > k) for k in range(size)]
+    return _json(200, {"data": data})
+
+
+# --- cohorts, annotations, insights, and what is not emulated ----------------------
+
+
+def _cohorts_list(store: Store, req: _Request) -> _Response:
+    """Cohorts registered with `mp.add_cohort`.  POST /api/query/cohorts/list."""
+    q = _Query(store, req)
+    with store.lock:
+        cohorts = list(q.state.cohorts.items())
+        profiles = dict(q.state.profiles)
+    listing = [{"count": len(_cohort_ids(c, profiles)), "is_visible": 1,
+                "description": c.get("description", ""), "created": c["created"],
+                "project_id": q.project.project_id, "id": int(cid), "name": c["name"]}
+               for cid, c in cohorts]
+    return _json(200, listing)
+
+
+def _annotations(store: Store, req: _Request) -> _Response:
+    """Annotations in a date range.  GET /api/2.0/annotations (legacy form)."""
+    q = _Query(store, req)
+    first, last = q.date_range()
+    with store.lock:
+        notes = [dict(a, id=aid) for aid, a in q.state.annotations.items()]
+    picked = [{"date": a["date"], "project_id": q.project.project_id, "id": a["id"],
+               "description": a["description"]}
+              for a in notes if first.isoformat() <= a["date"][:10] <= last.isoformat()]
+    picked.sort(key=lambda a: (a["date"], a["id"]))
+    return _json(200, {"annotations": picked, "error": False})
+
+
+def _annotation_fields(q: _Query) -> tuple[str, str]:
+    date = q.text("date", required=True)
+    if _parse_datetime(date) is None:
+        raise q.error(400, "date must be YYYY-MM-DD HH:MM:SS")
+    description = q.text("description", required=True)
+    return date if len(date) > 10 else date + " 00:00:00", description
+
+
+def _annotations_create(store: Store, req: _Request) -> _Response:
+    """POST /api/2.0/annotations/create: `date`, `description`."""
+    q = _Query(store, req)
+    date, description = _annotation_fields(q)
+    with store.lock:
+        annotation_id = store.new_id()
+        q.state.annotations[annotation_id] = {"date": date, "description": description}
+    return _json(200, {"error": False, "id": annotation_id})
+
+
+def _annotations_update(store: Store, req: _Request) -> _Response:
+    """POST /api/2.0/annotations/update: `id`, `date`, `description`."""
+    q = _Query(store, req)
+    annotation_id = q.integer("id", -1)
+    date, description = _annotation_fields(q)
+    with store.lock:
+        if annotation_id not in q.state.annotations:
+            raise q.error(400, f"no annotation with id {annotation_id}")
+        q.state.annotations[annotation_id] = {"date": date, "description": description}
+    return _json(200, {"error": False})
+
+
+def _annotations_delete(store: Store, req: _Request) -> _Response:
+    """POST /api/2.0/annotations/delete: `id`."""
+    q = _Query(store, req)
+    annotation_id = q.integer("id", -1)
+    with store.lock:
+        if q.state.annotations.pop(annotation_id, None) is None:
+            raise q.error(400, f"no annotation with id {annotation_id}")
+    return _json(200, {"error": False})
+
+
+def _insights(store: Store, req: _Request) -> _Response:
+    """A saved Insights report registered with `mp.add_insight`, computed
+    from stored events.  GET /api/query/insights?bookmark_id=."""
+    q = _Query(store, req)
+    bookmark_id = q.integer("bookmark_id", -1)
+    with store.lock:
+        report = q.state.insights.get(bookmark_id)
+    if report is None:
+        raise q.error(400, f"bookmark_id {q.params.get('bookmark_id')} does not name a saved report")
+    today = q.today()
+    first = today - datetime.timedelta(days=report["days"] - 1)
+    start, end = q.bounds(first, today)
+    buckets = _Buckets(report["unit"], q.tz)
+    where = _compile_expression(report["where"]) if report.get("where") else None
+    on = _compile_expression(report["on"]) if report.get("on") else None
+    rows = q.events(start, end, [report["event"]], where)
+    key_of = (lambda e: [report["event"]]) if on is None else (lambda e: _segment_keys(on.value(e["properties"])))
+    values = _count_series(rows, buckets, report["type"], key_of)
+    series = buckets.series(first, today)
+    iso = {label: _local_iso(label, q.tz) for label in series}
+    out = {key: {iso[label]: counts.get(label, 0) for label in series} for key, counts in values.items()}
+    if on is None:
+        out = {report["event"]: {iso[label]: values.get(report["event"], {}).get(label, 0) for label in series}}
+    return _json(200, {"computed_at": _computed_at(q),
+                       "date_range": {"from_date": _local_iso(first.isoformat(), q.tz),
+                                      "to_date": _local_iso(today.isoformat(), q.tz, end_of_day=True)},
+                       "headers": ["$event"] if on is None else ["$event", report["on"]],
+                       "series": out})
+
+
+def _local_iso(label: str, tz: datetime.tzinfo, end_of_day: bool = False) -> str:
+    """A bucket label as an ISO datetime with the project's UTC offset."""
+    moment = datetime.datetime.fromisoformat(label[:19] if len(label) > 10 else label + "T00:00:00")
+    if end_of_day:
+        moment = moment.replace(hour=23, minute=59, second=59, microsecond=999000)
+    return moment.replace(tzinfo=tz).isoformat()
+
+
+def _not_emulated(store: Store, req: _Request) -> _Response:
+    """JQL and the activity stream: a clear refusal, never a crash."""
+    q = _Query(store, req)
+    raise q.error(400, f"{req.path} is not emulated by mixpanel_fake (Mixpanel has it in "
+                       "maintenance mode); query the events with /api/2.0/export or "
+                       "/api/2.0/segmentation instead")
+
+
+# --- what a test registers: funnels, cohorts, saved reports ---------------------
+
+
+def _target_state(store: Store, token: str | None) -> tuple[Project, _ProjectState]:
+    """The named project, or the only one there is."""
+    if token is None:
+        with store.lock:
+            tokens = list(store.projects)
+        if len(tokens) != 1:
+            raise ValueError(f"pass project=TOKEN: the fake has {len(tokens)} projects")
+        token = tokens[0]
+    with store.lock:
+        return store._project_locked(token)
+
+
+def _value_error(status: int, message: str) -> ValueError:
+    return ValueError(message)
+
+
+def _register_funnel(store: Store, token: str | None, name: str, steps: list,
+                     window: int = 30, where: str | None = None) -> int:
+    funnel = _funnel_definition(name, steps, window, where, _value_error)
+    _, state = _target_state(store, token)
+    with store.lock:
+        funnel_id = store.new_id()
+        state.funnels[funnel_id] = funnel
+    return funnel_id
+
+
+def _register_cohort(store: Store, token: str | None, name: str, where: str | None = None,
+                     distinct_ids: list | None = None, description: str = "") -> int:
+    if not isinstance(name, str) or not name:
+        raise ValueError("a cohort needs a name")
+    if (where is None) == (distinct_ids is None):
+        raise ValueError("a cohort needs exactly one of where= and distinct_ids=")
+    if where is not None:
+        _compile_expression(where)
+    elif not isinstance(distinct_ids, list) or any(_id_text(i) is None for i in distinct_ids):
+        raise ValueError("distinct_ids must be a list of ids")
+    project, state = _target_state(store, token)
+    created = datetime.datetime.fromtimestamp(store.now(), datetime.timezone.utc)
+    with store.lock:
+        cohort_id = store.new_id()
+        state.cohorts[str(cohort_id)] = {
+            "name": name, "where": where, "description": description,
+            "distinct_ids": None if distinct_ids is None else [_id_text(i) for i in distinct_ids],
+            "created": created.strftime("%Y-%m-%d %H:%M:%S")}
+    return cohort_id
+
+
+def _register_insight(store: Store, token: str | None, name: str, event: str, unit: str = "day",
+                      type: str = "general", on: str | None = None, where: str | None = None,
+                      days: int = 30) -> int:
+    if not isinstance(event, str) or not event:
+        raise ValueError("a saved report needs an event")
+    if unit not in ("hour", "day", "week", "month"):
+        raise ValueError("unit must be one of hour, day, week, month")
+    if type not in ("general", "unique", "average"):
+        raise ValueError("type must be one of general, unique, average")
+    if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= 366:
+        raise ValueError("days must be a whole number from 1 to 366")
+    for text in (on, where):
+        if text is not None:
+            _compile_expression(text)
+    _, state = _target_state(store, token)
+    with store.lock:
+        bookmark_id = store.new_id()
+        state.insights[bookmark_id] = {"name": name, "event": event, "unit": unit, "type": type,
+                                       "on": on, "where": where, "days": days}
+    return bookmark_id
+
+
+# =============================================================================
 # Inspection: /, /health and /__parlel/*
 # =============================================================================
 
@@ -1626,6 +3589,70 @@ def _parlel_rejected(store: Store, req: _Request) -> _Response:
     return _json(200, {"count": len(rows), "rejected": rows})
 
 
+def _json_body(req: _Request) -> dict:
+    try:
+        body = _loads(req.body.decode("utf-8", "surrogateescape")) if req.body else {}
+    except ValueError as exc:
+        raise ApiError(400, {"error": f"invalid JSON body: {exc}"}) from None
+    if not isinstance(body, dict):
+        raise ApiError(400, {"error": "the body must be a JSON object"})
+    return body
+
+
+def _registered(store: Store, req: _Request, table: str, key: str) -> _Response:
+    with store.lock:
+        rows = [dict(entry, **{key: entry_id, "project": token})
+                for token, state in store._states(_scope(req))
+                for entry_id, entry in getattr(state, table).items()]
+    return _json(200, {"count": len(rows), table: rows})
+
+
+def _register_over_http(store: Store, req: _Request, register: Callable, key: str,
+                        fields: tuple) -> _Response:
+    body = _json_body(req)
+    unknown = set(body) - set(fields) - {"project"}
+    if unknown:
+        raise ApiError(400, {"error": f"unknown fields: {', '.join(sorted(unknown))}",
+                             "fields": list(fields) + ["project"]})
+    try:
+        new_id = register(store, body.get("project") or _scope(req),
+                          **{k: v for k, v in body.items() if k != "project"})
+    except (TypeError, ValueError) as exc:
+        raise ApiError(400, {"error": str(exc)}) from None
+    return _json(200, {key: new_id})
+
+
+def _parlel_funnels(store: Store, req: _Request) -> _Response:
+    return _registered(store, req, "funnels", "funnel_id")
+
+
+def _parlel_add_funnel(store: Store, req: _Request) -> _Response:
+    """Save a funnel: {"name", "steps", "window"?, "where"?, "project"?}."""
+    return _register_over_http(store, req, _register_funnel, "funnel_id",
+                               ("name", "steps", "window", "where"))
+
+
+def _parlel_cohorts(store: Store, req: _Request) -> _Response:
+    return _registered(store, req, "cohorts", "id")
+
+
+def _parlel_add_cohort(store: Store, req: _Request) -> _Response:
+    """Save a cohort: {"name", "where" or "distinct_ids", "description"?, "project"?}."""
+    return _register_over_http(store, req, _register_cohort, "id",
+                               ("name", "where", "distinct_ids", "description"))
+
+
+def _parlel_insights(store: Store, req: _Request) -> _Response:
+    return _registered(store, req, "insights", "bookmark_id")
+
+
+def _parlel_add_insight(store: Store, req: _Request) -> _Response:
+    """Save an Insights report: {"name", "event", "unit"?, "type"?, "on"?,
+    "where"?, "days"?, "project"?}."""
+    return _register_over_http(store, req, _register_insight, "bookmark_id",
+                               ("name", "event", "unit", "type", "on", "where", "days"))
+
+
 def _parlel_projects(store: Store, req: _Request) -> _Response:
     with store.lock:
         projects = [p.describe() for p in store.projects.values()]
@@ -1654,9 +3681,66 @@ _ROUTES: dict[tuple[str, str], Callable[[Store, _Request], _Response]] = {
     ("GET", "/__parlel/groups"): _parlel_groups,
     ("GET", "/__parlel/rejected"): _parlel_rejected,
     ("GET", "/__parlel/projects"): _parlel_projects,
+    ("GET", "/__parlel/funnels"): _parlel_funnels,
+    ("POST", "/__parlel/funnels"): _parlel_add_funnel,
+    ("GET", "/__parlel/cohorts"): _parlel_cohorts,
+    ("POST", "/__parlel/cohorts"): _parlel_add_cohort,
+    ("GET", "/__parlel/insights"): _parlel_insights,
+    ("POST", "/__parlel/insights"): _parlel_add_insight,
+    # The query API; /api/query/X is the same endpoint as /api/2.0/X.
+    ("GET", "/api/2.0/export"): _export,
+    ("POST", "/api/2.0/export"): _export,
+    ("GET", "/api/2.0/engage"): _engage_query,
+    ("POST", "/api/2.0/engage"): _engage_query,
+    ("GET", "/api/2.0/events"): _events_report,
+    ("POST", "/api/2.0/events"): _events_report,
+    ("GET", "/api/2.0/events/top"): _events_top,
+    ("POST", "/api/2.0/events/top"): _events_top,
+    ("GET", "/api/2.0/events/names"): _events_names,
+    ("POST", "/api/2.0/events/names"): _events_names,
+    ("GET", "/api/2.0/events/properties"): _events_properties,
+    ("POST", "/api/2.0/events/properties"): _events_properties,
+    ("GET", "/api/2.0/events/properties/top"): _events_properties_top,
+    ("POST", "/api/2.0/events/properties/top"): _events_properties_top,
+    ("GET", "/api/2.0/events/properties/values"): _events_properties_values,
+    ("POST", "/api/2.0/events/properties/values"): _events_properties_values,
+    ("GET", "/api/2.0/segmentation"): _segmentation,
+    ("POST", "/api/2.0/segmentation"): _segmentation,
+    ("GET", "/api/2.0/segmentation/numeric"): _segmentation_numeric,
+    ("POST", "/api/2.0/segmentation/numeric"): _segmentation_numeric,
+    ("GET", "/api/2.0/segmentation/sum"): _segmentation_sum,
+    ("POST", "/api/2.0/segmentation/sum"): _segmentation_sum,
+    ("GET", "/api/2.0/segmentation/average"): _segmentation_average,
+    ("POST", "/api/2.0/segmentation/average"): _segmentation_average,
+    ("GET", "/api/2.0/funnels"): _funnels,
+    ("POST", "/api/2.0/funnels"): _funnels,
+    ("GET", "/api/2.0/funnels/list"): _funnels_list,
+    ("POST", "/api/2.0/funnels/list"): _funnels_list,
+    ("GET", "/api/2.0/retention"): _retention,
+    ("POST", "/api/2.0/retention"): _retention,
+    ("GET", "/api/2.0/retention/addiction"): _retention_addiction,
+    ("POST", "/api/2.0/retention/addiction"): _retention_addiction,
+    ("GET", "/api/2.0/cohorts/list"): _cohorts_list,
+    ("POST", "/api/2.0/cohorts/list"): _cohorts_list,
+    ("GET", "/api/2.0/annotations"): _annotations,
+    ("POST", "/api/2.0/annotations"): _annotations,
+    ("GET", "/api/2.0/annotations/create"): _annotations_create,
+    ("POST", "/api/2.0/annotations/create"): _annotations_create,
+    ("GET", "/api/2.0/annotations/update"): _annotations_update,
+    ("POST", "/api/2.0/annotations/update"): _annotations_update,
+    ("GET", "/api/2.0/annotations/delete"): _annotations_delete,
+    ("POST", "/api/2.0/annotations/delete"): _annotations_delete,
+    ("GET", "/api/2.0/insights"): _insights,
+    ("POST", "/api/2.0/insights"): _insights,
+    ("GET", "/api/2.0/jql"): _not_emulated,
+    ("POST", "/api/2.0/jql"): _not_emulated,
+    ("GET", "/api/2.0/stream/query"): _not_emulated,
+    ("POST", "/api/2.0/stream/query"): _not_emulated,
 }
 
-_INGESTION = frozenset((_track, _import, _engage, _groups))
+# Handlers with side effects: no HEAD on them.
+_INGESTION = frozenset((_track, _import, _engage, _groups, _annotations_create,
+                        _annotations_update, _annotations_delete))
 _METHODS_BY_PATH: dict[str, list[str]] = {}
 for _method, _path in _ROUTES:
     _METHODS_BY_PATH.setdefault(_path, []).append(_method)
@@ -1691,16 +3775,19 @@ def _split_target(target: str) -> tuple[str, str]:
 
 
 def _normalize_path(path: str) -> str:
-    """Collapse `//` and drop one trailing `/` (the browser SDK sends `track/`)."""
+    """Collapse `//`, drop one trailing `/` (the browser SDK sends `track/`),
+    and read `/api/query/X` as `/api/2.0/X` (aliases, query-api.md §1)."""
     path = _SLASHES_RE.sub("/", path or "/")
     if len(path) > 1 and path.endswith("/"):
         path = path[:-1]
+    if path.startswith("/api/query/"):
+        path = "/api/2.0/" + path[len("/api/query/"):]
     return path
 
 
-def _route(method: str, path: str) -> Callable[[Store, _Request], _Response]:
+def _route(method: str, path: str, query: str = "") -> Callable[[Store, _Request], _Response]:
     """The handler for a request, or an ApiError: 404 naming the known paths,
-    405 with `Allow`."""
+    405 with `Allow`, and Mixpanel's 400 for an unknown /api/ endpoint."""
     handler = _ROUTES.get(("GET" if method == "HEAD" else method, path))
     if handler is not None and not (method == "HEAD" and handler in _INGESTION):
         return handler
@@ -1708,6 +3795,9 @@ def _route(method: str, path: str) -> Callable[[Store, _Request], _Response]:
     if allowed:
         raise ApiError(405, {"error": f"method {method} not allowed on {path}",
                              "allowed": allowed}, headers={"Allow": ", ".join(allowed)})
+    if path.startswith("/api/"):
+        request = path + ("?" + query if query else "")
+        raise ApiError(400, {"request": request, "error": "Invalid API endpoint"})
     raise ApiError(404, {"error": f"no such endpoint: {method} {path}",
                          "known_paths": sorted(_METHODS_BY_PATH)})
 
@@ -1824,7 +3914,7 @@ class _Handler(BaseHTTPRequestHandler):
             if self.command == "OPTIONS":
                 response = self._preflight(path)
             else:
-                handler = _route(self.command, path)
+                handler = _route(self.command, path, query)
                 client = self.client_address[0] if self.client_address else ""
                 request = _Request(self.command, path, query, self.headers, body, client)
                 response = handler(store, request)
@@ -1927,15 +4017,89 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, response: _Response) -> None:
         """Write status, headers and body in one write (see Nagle above)."""
+        if not isinstance(response.body, bytes):
+            self._send_stream(response)
+            return
+        extra = {"Content-Length": str(len(response.body))} if response.status != 204 else {}
+        head = self._head(response, extra)
+        send_body = response.status not in (204, 304) and self.command != "HEAD"
+        try:
+            self.wfile.write(head + response.body if send_body else head)
+        except OSError:
+            self.close_connection = True
+
+    def _send_stream(self, response: _Response) -> None:
+        """Stream an iterator body: chunked (or to the close on HTTP/1.0),
+        gzipped when the client accepts it and it is over 1400 bytes (as
+        Mixpanel's export does); a short body goes out as a plain one."""
+        chunks = iter(response.body)
+        start: list[bytes] = []
+        size = 0
+        try:
+            while size <= 1400:
+                piece = next(chunks)
+                start.append(piece)
+                size += len(piece)
+        except StopIteration:
+            self._send(_Response(response.status, b"".join(start), response.content_type,
+                                 response.headers))
+            return
+        except Exception as exc:  # before any byte went out: a proper error answer
+            self._send(self._stream_error(exc))
+            return
+        gzip_it = "gzip" in (self.headers.get("Accept-Encoding") or "").lower()
+        chunked = self.request_version != "HTTP/1.0"
+        extra = {}
+        if chunked:
+            extra["Transfer-Encoding"] = "chunked"
+        else:
+            self.close_connection = True
+        if gzip_it:
+            extra["Content-Encoding"] = "gzip"
+            extra["Vary"] = "Accept-Encoding"
+        compressor = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS) if gzip_it else None
+        try:
+            self.wfile.write(self._head(response, extra))
+            if self.command == "HEAD":
+                return
+            try:
+                for piece in itertools.chain(start, chunks):
+                    self._write_piece(compressor.compress(piece) if compressor else piece, chunked)
+            except OSError:
+                raise
+            except Exception as exc:
+                # Mixpanel's export ends a stream it cannot finish with this line.
+                self._stream_error(exc)
+                ending = b"terminated early\n"
+                self._write_piece(compressor.compress(ending) if compressor else ending, chunked)
+            if compressor:
+                self._write_piece(compressor.flush(), chunked)
+            if chunked:
+                self.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            self.close_connection = True  # the client went away mid-stream
+
+    def _stream_error(self, exc: Exception) -> _Response:
+        if isinstance(exc, ExpressionError):
+            return _Response(400, str(exc).encode("utf-8"), "text/plain; charset=utf-8")
+        self.server.store.record_error(exc)
+        _log.error("mixpanel_fake internal error while streaming", exc_info=exc)
+        return _json(500, {"error": f"mixpanel_fake internal error: {type(exc).__name__}: {exc}"})
+
+    def _write_piece(self, data: bytes, chunked: bool) -> None:
+        if data:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+
+    def _head(self, response: _Response, extra: dict[str, str]) -> bytes:
+        """The status line and headers, CORS included."""
         status = response.status
         phrase = self.responses.get(status, ("",))[0]
         lines = [f"HTTP/1.1 {status} {phrase}",
                  f"Server: {self.server_version}",
                  f"Date: {self.date_time_string()}"]
-        if status != 204:
-            if response.content_type:
-                lines.append(f"Content-Type: {response.content_type}")
-            lines.append(f"Content-Length: {len(response.body)}")
+        if status != 204 and response.content_type:
+            lines.append(f"Content-Type: {response.content_type}")
+        lines.extend(f"{k}: {v}" for k, v in extra.items())
         lines.extend(f"{k}: {v}" for k, v in response.headers.items())
         request_headers = getattr(self, "headers", None)
         origin = request_headers.get("Origin") if request_headers is not None else None
@@ -1949,12 +4113,7 @@ class _Handler(BaseHTTPRequestHandler):
             lines.append("Connection: close")
         elif getattr(self, "request_version", "") == "HTTP/1.0":
             lines.append("Connection: keep-alive")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
-        send_body = status not in (204, 304) and self.command != "HEAD"
-        try:
-            self.wfile.write(head + response.body if send_body else head)
-        except OSError:
-            self.close_connection = True
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """Protocol errors found by the stdlib parser, as JSON (never HTML)."""
@@ -2205,6 +4364,56 @@ class MixpanelFake:
     def reset(self, project: str | None = None) -> None:
         """Forget ingested data, of one project or of all."""
         self.store.reset(project)
+
+    # --- the query API, from Python ------------------------------------------
+
+    def add_funnel(self, name: str, steps: list, window: int = 30, where: str | None = None,
+                   project: str | None = None) -> int:
+        """Save a funnel (steps: event names or {"event", "where"}); returns
+        its funnel_id for /api/query/funnels."""
+        return _register_funnel(self.store, project, name, steps, window, where)
+
+    def add_cohort(self, name: str, where: str | None = None, distinct_ids: list | None = None,
+                   description: str = "", project: str | None = None) -> int:
+        """Save a cohort, by a `where` over profiles or a list of ids; returns
+        its id for /cohorts/list and `filter_by_cohort`."""
+        return _register_cohort(self.store, project, name, where, distinct_ids, description)
+
+    def add_insight(self, name: str, event: str, unit: str = "day", type: str = "general",
+                    on: str | None = None, where: str | None = None, days: int = 30,
+                    project: str | None = None) -> int:
+        """Save an Insights report over the last ``days`` days; returns its
+        bookmark_id for /api/query/insights."""
+        return _register_insight(self.store, project, name, event, unit, type, on, where, days)
+
+    def query(self, path: str, project: str | None = None, **params: Any) -> Any:
+        """Call a query endpoint in-process: ``mp.query("segmentation",
+        event="Signed Up", from_date=..., to_date=...)``.  Lists and dicts
+        are sent as JSON; the answer comes back decoded (export: a list of
+        events); an error raises `ApiError` with Mixpanel's status and body."""
+        path = _normalize_path("/api/2.0/" + path.lstrip("/"))
+        pairs = {k: v if isinstance(v, str) else json.dumps(v) for k, v in params.items()}
+        headers = {}
+        if project is not None:
+            credentials = base64.b64encode(f"{project}:".encode()).decode()
+            headers["Authorization"] = "Basic " + credentials
+        query = urlencode(pairs)
+        handler = _route("GET", path, query)
+        response = handler(self.store, _Request("GET", path, query, headers, b""))
+        body = response.body if isinstance(response.body, bytes) else b"".join(response.body)
+        if response.status != 200:
+            raise ApiError(response.status, body.decode("utf-8", "replace"))
+        if path == "/api/2.0/export":
+            return [json.loads(line) for line in body.splitlines() if line.strip()]
+        return json.loads(body)
+
+    def export(self, project: str | None = None, **params: Any) -> list[dict]:
+        """`/api/2.0/export` as a list of events (see `query`)."""
+        return self.query("export", project=project, **params)
+
+    def segmentation(self, project: str | None = None, **params: Any) -> dict:
+        """`/api/query/segmentation` (see `query`)."""
+        return self.query("segmentation", project=project, **params)
 
     def check(self) -> None:
         """Re-raise, in the test's thread, the first error a handler hit."""
