@@ -203,6 +203,19 @@ class _PayloadError(Exception):
 # =============================================================================
 
 
+@functools.lru_cache(maxsize=64)
+def _zone(name: str) -> datetime.tzinfo | None:
+    """The project timezone (stdlib zoneinfo, which needs the system's tz
+    database or the `tzdata` package); None for an unknown name."""
+    if name in ("UTC", "Etc/UTC"):
+        return datetime.timezone.utc
+    try:
+        import zoneinfo  # imported lazily: start-up does not need it
+        return zoneinfo.ZoneInfo(name)
+    except Exception:  # an unknown name, or no tz database
+        return None
+
+
 def _derive_project_id(token: str) -> int:
     """A stable 7-digit project id for a token (same token, same id, every run)."""
     digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
@@ -224,6 +237,8 @@ class Project:
             raise ValueError("a project needs a non-empty string token")
         if id_merge not in ("simplified", "original"):
             raise ValueError("id_merge must be 'simplified' or 'original'")
+        if _zone(timezone) is None:
+            raise ValueError(f"unknown timezone {timezone!r} (an IANA name such as 'Europe/Paris')")
         self.token = token
         self.project_id = _derive_project_id(token) if project_id is None else project_id
         self.api_secret = token if api_secret is None else api_secret
@@ -1104,11 +1119,12 @@ class _Parser:
             self.fail("an operator or the end of the expression")
         return node
 
-    def nested(self) -> None:
+    def nested(self, position: int) -> None:
+        """Enter one more level (opened at ``position``), within the limit."""
         self.depth += 1
         if self.depth > _EXPR_MAX_DEPTH:
             raise ExpressionError(f"expression nested more than {_EXPR_MAX_DEPTH} deep",
-                              self.text, self.current[2])
+                                  self.text, position)
 
     def parse_or(self) -> tuple:
         node = self.parse_and()
@@ -1124,8 +1140,9 @@ class _Parser:
 
     def parse_not(self) -> tuple:
         # `not` binds looser than comparisons: not "a" in x == not ("a" in x).
+        position = self.current[2]
         if self.accept("keyword", "not"):
-            self.nested()
+            self.nested(position)
             node = ("not", self.parse_not())
             self.depth -= 1
             return node
@@ -1158,8 +1175,9 @@ class _Parser:
         return node
 
     def parse_unary(self) -> tuple:
+        position = self.current[2]
         if self.accept("op", "-"):
-            self.nested()
+            self.nested(position)
             node = ("neg", self.parse_unary())
             self.depth -= 1
             return node
@@ -1167,14 +1185,17 @@ class _Parser:
 
     def parse_postfix(self) -> tuple:
         node = self.parse_primary()
-        while self.accept("punct", "["):
-            key = self.parse_nested_or()
+        while self.current[1] == "[" and self.current[0] == "punct":
+            key = self.parse_nested_or(opening=True)
             self.expect("punct", "]", "']'")
             node = ("index", node, key)
         return node
 
-    def parse_nested_or(self) -> tuple:
-        self.nested()
+    def parse_nested_or(self, opening: bool = False) -> tuple:
+        """An expression one level down; ``opening`` consumes its bracket."""
+        self.nested(self.current[2] if opening else self.tokens[self.index - 1][2])
+        if opening:
+            self.index += 1
         node = self.parse_or()
         self.depth -= 1
         return node
@@ -1184,17 +1205,20 @@ class _Parser:
         if kind in ("number", "string"):
             self.index += 1
             return ("lit", value)
-        if self.accept("punct", "("):
-            node = self.parse_nested_or()
+        if kind == "punct" and value == "(":
+            node = self.parse_nested_or(opening=True)
             self.expect("punct", ")", "')'")
             return node
-        if self.accept("punct", "["):
+        if kind == "punct" and value == "[":
+            self.nested(position)
+            self.index += 1
             items = []
             if not self.accept("punct", "]"):
                 items.append(self.parse_nested_or())
                 while self.accept("punct", ","):
                     items.append(self.parse_nested_or())
                 self.expect("punct", "]", "',' or ']'")
+            self.depth -= 1
             return ("list", tuple(items))
         if kind != "name":
             self.fail("a value")
@@ -2488,17 +2512,6 @@ def _event_time(row: tuple[dict, Any]) -> Any:
     return row[0]["properties"]["time"]
 
 
-def _zone(name: str) -> datetime.tzinfo:
-    """The project timezone (stdlib zoneinfo; UTC when unknown)."""
-    if name in ("UTC", "Etc/UTC", ""):
-        return datetime.timezone.utc
-    try:
-        import zoneinfo  # imported lazily: start-up does not need it
-        return zoneinfo.ZoneInfo(name)
-    except Exception:  # no tz database, or an unknown name
-        return datetime.timezone.utc
-
-
 class _Buckets:
     """Epoch seconds to the label of their time bucket, in the project
     timezone; offsets are cached per hour, so a million events stay cheap."""
@@ -3010,6 +3023,7 @@ def _segmentation_numeric(store: Store, req: _Request) -> _Response:
     ranges = {id(e): label(n) for n, e, _ in numbers}
     picked = [(e, p) for _, e, p in numbers]
     values = _count_series(picked, buckets, kind, lambda e: [ranges[id(e)]])
+    values = dict(sorted(values.items(), key=lambda item: float(item[0].split(" - ")[0].replace(",", ""))))
     series = sorted({label for counts in values.values() for label in counts})
     return _json(200, {"data": {"series": series, "values": values}, "legend_size": len(values)})
 

@@ -10,6 +10,7 @@ or fail when MIXPANEL_FAKE_REQUIRE_SDKS=1.
 from __future__ import annotations
 
 import base64
+import datetime
 import gzip
 import http.client
 import json
@@ -1067,6 +1068,589 @@ class TestIdentityOriginal(_ServerTestCase):
                                                "$device_id": "D"}}
         self.assertEqual(_post("/import", [record])[1]["failed_records"][0]["message"],
                          "'properties.distinct_id' is invalid: must not be missing")
+
+
+# =============================================================================
+# The expression language (query-api.md §7): parser and evaluator directly
+# =============================================================================
+
+
+def _ev(text, props=None, **scope):
+    expression = mixpanel_fake._compile_expression(text)
+    return expression.value(props or {}, mixpanel_fake._Scope(**scope))
+
+
+class TestExpressions(unittest.TestCase):
+    UNDEF = mixpanel_fake._UNDEF
+
+    # (expression, properties, value); sources in query-api.md §7.4-7.5, §7.8.
+    VALUES = [
+        # == is typed: different types are never equal (D-SE).
+        ('properties["a"] == "5"', {"a": "5"}, True),
+        ('properties["a"] == 5', {"a": "5"}, False),
+        ('properties["a"] == 5', {"a": 5.0}, True),
+        ('properties["a"] == 1', {"a": True}, False),
+        ('properties["a"] == true', {"a": True}, True),
+        ('properties["a"] = "x"', {"a": "x"}, True),
+        ('properties["a"] != "x"', {}, True),                      # undefined != "x"
+        ('properties["a"] == null', {"a": None}, True),
+        ('properties["missing"] == undefined', {}, True),
+        # Ordering: numbers, strings, datetimes; mixed types are undefined.
+        ('properties["n"] > 10', {"n": 11}, True),
+        ('properties["n"] > 10', {"n": "11"}, UNDEF),
+        ('10 < properties["n"]', {"n": 11}, True),
+        ('properties["s"] < "b"', {"s": "a"}, True),
+        ('properties["$time"] >= datetime(1700000000)', {"time": 1700000001}, True),
+        ('properties["$time"] < datetime("2023-11-14T22:13:21")', {"time": 1700000000}, True),
+        ('properties["$last_seen"] >= "2021-01-01T00:00:00"', {"$last_seen": "2022-05-01T00:00:00"}, True),
+        ('event["$time"] >= datetime("2023-11-14")', {"time": 1700000000}, True),
+        # in: substring, or list membership (D-SE).
+        ('"gmail" in properties["$email"]', {"$email": "x@gmail.com"}, True),
+        ('properties["account_id"] in [1,2,3,4]', {"account_id": 3}, True),
+        ('"v" in properties["tags"]', {"tags": ["u", "v"]}, True),
+        ('5 in properties["s"]', {"s": "5"}, UNDEF),
+        # not binds looser than in (HELP-SEG); undefined -> true.
+        ('not "Facebook" in properties["ref"]', {"ref": "google.com"}, True),
+        ('not properties["missing"]', {}, True),
+        ('not properties["s"]', {"s": "x"}, UNDEF),
+        ('not defined(properties["city"])', {}, True),
+        # and / or treat undefined as false.
+        ('properties["a"] == 1 or properties["b"] > 1', {"b": 2}, True),
+        ('properties["n"] > 1 and true', {"n": "x"}, False),
+        ('TRUE AND FALSE OR true', {}, True),
+        # Arithmetic: numbers only; /0 undefined; % keeps the dividend's sign.
+        ('properties["price"] - properties["overhead"]', {"price": 5, "overhead": 2}, 3),
+        ('properties["a"] + properties["b"]', {"a": "x", "b": "y"}, "xy"),
+        ('properties["a"] + 1', {"a": "1"}, UNDEF),
+        ('1 / 0', {}, UNDEF),
+        ('-7 % 3', {}, -1.0),
+        ('2 + 3 * 4', {}, 14),
+        ('(2 + 3) * 4', {}, 20),
+        ('-properties["n"]', {"n": 4}, -4),
+        # Functions (D-SE, D-HOT, D-types).
+        ('defined(properties["a"])', {"a": None}, True),
+        ('defined (properties["a"])', {}, False),
+        ('string(properties["n"])', {"n": 3}, "3"),
+        ('string(properties["n"])', {"n": 2.5}, "2.5"),
+        ('string(properties["b"])', {"b": False}, "false"),
+        ('string(properties["k"], "undefined")', {}, "undefined"),
+        ('number(properties["s"])', {"s": "12.5"}, 12.5),
+        ('number(properties["s"])', {"s": "abc"}, UNDEF),
+        ('number(properties["b"])', {"b": True}, 1.0),
+        ('boolean(properties["s"])', {"s": "false"}, False),
+        ('boolean(properties["s"])', {"s": "no"}, True),
+        ('boolean(properties["n"])', {"n": 0}, False),
+        ('boolean(properties["x"]) == true', {}, False),
+        ('floor(2.7)', {}, 2),
+        ('ceil(2.1)', {}, 3),
+        ('round(2.5)', {}, 3),
+        ('round(-2.5)', {}, -3),
+        ('round("2.5")', {}, UNDEF),
+        ('any(X, properties["k"], X = "v")', {"k": ["a", "v"]}, True),
+        ('any(X, properties["k"], X == "v")', {"k": "v"}, False),
+        ('properties["a"]["b"] == 1', {"a": {"b": 1}}, True),
+        ('properties["a"][1]', {"a": [5, 6]}, 6),
+        ('properties["a"]["zz"]', {"a": {}}, UNDEF),
+        ('properties["we\\"ird"] == 1', {'we"ird': 1}, True),
+        ('properties["name with space"] == "x"', {"name with space": "x"}, True),
+        # The official hot-shard script (D-HOT).
+        ('((defined (properties["k"])) AND ((any(X, properties["k"], X="v")) OR (string(properties["k"], '
+         '"undefined") == "v"))) AND (number(properties["mp_processing_time_ms"]) < 1690000000000)',
+         {"k": "v", "mp_processing_time_ms": 5}, True),
+    ]
+
+    def test_values(self):
+        for text, props, expected in self.VALUES:
+            with self.subTest(text):
+                got = _ev(text, props)
+                self.assertEqual(got, expected)
+                self.assertIs(type(got), type(expected))
+
+    def test_user_event_and_behaviors_accessors(self):
+        self.assertIs(_ev('user["age"] > 30', {}, user={"age": 31}), True)
+        self.assertIs(_ev('user["age"] > 30', {}), self.UNDEF)
+        self.assertIs(_ev('behaviors["b1"] > 0', {}, behaviors={"b1": 2}), True)
+
+    # (expression, exact message); messages say what and where (style.md 2.6).
+    ERRORS = [
+        ('properties["a"] ==', "incomplete expression; expected a value (at end of expression)"),
+        ('properties[a]', "unexpected 'a'; expected a property name in quotes after properties[ (at column 12)"),
+        ('foo(1)', "unknown function 'foo' (at column 1)"),
+        ('(1', "incomplete expression; expected ')' (at end of expression)"),
+        ('"abc', "unterminated string (at column 1)"),
+        ('x == 1', "unknown name 'x' (at column 1)"),
+        ('1 2', "unexpected '2'; expected an operator or the end of the expression (at column 3)"),
+        ('', "empty expression (at end of expression)"),
+        ('defined(1, 2)', "defined() takes 1 argument(s), got 2 (at column 1)"),
+        ('string()', "string() takes 1 or 2 argument(s), got 0 (at column 1)"),
+        ('properties["a"] # 1', "unexpected character '#' (at column 17)"),
+        ('[1, 2', "incomplete expression; expected ',' or ']' (at end of expression)"),
+        ('any(1, [1], true)', "unexpected '1'; expected a variable name as the first argument of any() (at column 5)"),
+        ('(' * 70 + '1' + ')' * 70, "expression nested more than 64 deep (at column 65)"),
+        ('1 + ' * 6000 + '1', "expression longer than 20000 characters (at column 1)"),
+    ]
+
+    def test_error_messages(self):
+        for text, message in self.ERRORS:
+            with self.subTest(text[:40]):
+                with self.assertRaises(mixpanel_fake.ExpressionError) as caught:
+                    mixpanel_fake._compile_expression(text)
+                self.assertEqual(str(caught.exception), message)
+
+    def test_and_or_with_other_types_is_an_error(self):
+        # D-SE: "Any other types will result in an error."
+        expression = mixpanel_fake._compile_expression('properties["s"] and true')
+        with self.assertRaises(mixpanel_fake.ExpressionError) as caught:
+            expression.matches({"s": "x"})
+        self.assertEqual(str(caught.exception), "'and' needs true, false or undefined on each side, got a string")
+
+    def test_where_keeps_only_true(self):
+        matches = mixpanel_fake._compile_expression('properties["n"] > 1').matches
+        self.assertEqual([matches({"n": 2}), matches({"n": "2"}), matches({})], [True, False, False])
+
+    def test_compiled_once_and_fused(self):
+        first = mixpanel_fake._compile_expression('properties["plan"] == "pro" and properties["amount"] > 10')
+        self.assertIs(first, mixpanel_fake._compile_expression(
+            'properties["plan"] == "pro" and properties["amount"] > 10'))
+        # A property compared with a constant is one closure (not three).
+        fused = mixpanel_fake._compile(("cmp", ">", ("prop", "properties", "amount"), ("lit", 10)))
+        self.assertEqual(fused.__qualname__, "_fuse.<locals>.ordered")
+
+    def test_deep_nesting_cannot_exhaust_the_stack(self):
+        for text in ("not " * 5000 + "true", "-" * 5000 + "1", "[" * 5000 + "]" * 5000):
+            with self.subTest(text[:10]):
+                with self.assertRaises(mixpanel_fake.ExpressionError):
+                    mixpanel_fake._compile_expression(text[:19000])
+
+
+# =============================================================================
+# The query API over HTTP, against hand-computed answers
+# =============================================================================
+
+QT = "q_tok"          # UTC project
+LA = "q_la"           # America/Los_Angeles project, same events
+
+
+def _at(text):
+    """Epoch seconds of a UTC time written YYYY-MM-DDTHH:MM."""
+    return int(datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M").replace(
+        tzinfo=datetime.timezone.utc).timestamp())
+
+
+def _q(path, params=None, token=QT, method="GET", headers=None):
+    """Call a query endpoint with the project's secret (secret = token here)."""
+    query = urllib.parse.urlencode(params or {})
+    auth = _basic(token) if token else {}
+    status, head, body = _http(method, f"/api/2.0/{path}?{query}", headers=dict(auth, **(headers or {})))
+    return status, head, body
+
+
+def _qj(path, params=None, token=QT, **kw):
+    status, _, body = _q(path, params, token, **kw)
+    return status, json.loads(body)
+
+
+DATASET = [
+    # u1 signs up on 11-10, pays an hour later and again two days later.
+    ("Signed Up", "u1", "2026-11-10T09:00", {"plan": "pro", "amount": 20}),
+    ("Paid", "u1", "2026-11-10T10:00", {"amount": 9}),
+    ("Paid", "u1", "2026-11-12T08:00", {"amount": 9}),
+    # u2 signs up late on 11-10 (UTC) and never pays; the event arrives twice.
+    ("Signed Up", "u2", "2026-11-10T23:30", {"plan": "free", "amount": 5, "$insert_id": "dup-1"}),
+    ("Signed Up", "u2", "2026-11-10T23:30", {"plan": "free", "amount": 5, "$insert_id": "dup-1"}),
+    # u3 signs up early on 11-11 (UTC) -- still 11-10 in Los Angeles -- and pays.
+    ("Signed Up", "u3", "2026-11-11T01:00", {"plan": "pro", "amount": "12"}),
+    ("Paid", "u3", "2026-11-11T02:00", {"amount": 9}),
+]
+
+
+class _QueryTestCase(_ServerTestCase):
+
+    def setUp(self):
+        super().setUp()
+        MP.add_project(Project(QT))
+        MP.add_project(Project(LA, timezone="America/Los_Angeles"))
+        self.addCleanup(MP.reset)
+        for token in (QT, LA):
+            batch = []
+            for index, (name, who, when, extra) in enumerate(DATASET):
+                props = dict({"distinct_id": who, "time": _at(when), "$insert_id": f"e{index}"}, **extra)
+                batch.append(_event(name, token=token, **props))
+            self.assertEqual(_post("/import", batch)[0], 200)
+        people = [{"$token": QT, "$distinct_id": "u1", "$set": {"plan": "pro", "age": 30}},
+                  {"$token": QT, "$distinct_id": "u2", "$set": {"plan": "free", "age": 20}},
+                  {"$token": QT, "$distinct_id": "u3", "$set": {"plan": "pro", "age": 40}}]
+        _http("POST", "/engage", json.dumps([dict(p, **{"$ignore_time": True}) for p in people]))
+
+
+class TestQueryRouting(_QueryTestCase):
+
+    def test_both_prefixes_and_trailing_slash(self):
+        params = {"event": "Signed Up", "from_date": "2026-11-10", "to_date": "2026-11-10"}
+        answers = [_http("GET", f"{prefix}segmentation{slash}?{urllib.parse.urlencode(params)}", headers=_basic(QT))[2]
+                   for prefix in ("/api/2.0/", "/api/query/") for slash in ("", "/")]
+        self.assertEqual(len(set(answers)), 1)
+        self.assertEqual(json.loads(answers[0])["data"]["values"], {"Signed Up": {"2026-11-10": 2}})
+
+    def test_post_form_and_json_bodies(self):
+        form = urllib.parse.urlencode({"event": "Paid", "from_date": "2026-11-12", "to_date": "2026-11-12"})
+        status, _, body = _http("POST", "/api/query/segmentation", form, dict(_basic(QT), **{
+            "Content-Type": "application/x-www-form-urlencoded"}))
+        self.assertEqual(json.loads(body)["data"]["values"], {"Paid": {"2026-11-12": 1}})
+        status, _, body = _http("POST", "/api/query/segmentation", json.dumps(
+            {"event": "Paid", "from_date": "2026-11-12", "to_date": "2026-11-12"}),
+            dict(_basic(QT), **{"Content-Type": "application/json"}))
+        self.assertEqual(json.loads(body)["data"]["values"], {"Paid": {"2026-11-12": 1}})
+
+    def test_unknown_endpoint_is_mixpanels_400(self):
+        # LOG: {"request": "/api/2.0/webhooks?project_id=4025923", "error": "Invalid API endpoint"}
+        self.assertEqual(_json("GET", "/api/2.0/webhooks?project_id=4025923"),
+                         (400, {"request": "/api/2.0/webhooks?project_id=4025923", "error": "Invalid API endpoint"}))
+
+    def test_jql_and_stream_are_not_emulated(self):
+        for path in ("jql", "stream/query"):
+            with self.subTest(path):
+                status, body = _qj(path, method="POST")
+                self.assertEqual(status, 400)
+                self.assertIn("is not emulated by mixpanel_fake", body["error"])
+
+    def test_auth(self):
+        params = {"event": "Paid", "from_date": "2026-11-12", "to_date": "2026-11-12"}
+        with MixpanelFake(projects=[Project("a1", project_id=101, api_secret="sec1",
+                                           service_accounts={"sa.user": "sa-pass"}),
+                                   Project("a2", project_id=102)]) as fake:
+            def call(headers, query=""):
+                qs = urllib.parse.urlencode(params) + query
+                status, _, body = _http("GET", f"/api/2.0/segmentation?{qs}", headers=headers, port=fake.port)
+                return status, json.loads(body)
+            self.assertEqual(call(_basic("sa.user", "sa-pass"), "&project_id=101")[0], 200)
+            self.assertEqual(call(_basic("sec1"))[0], 200)
+            self.assertEqual(call({"Authorization": "Basic " + base64.b64encode(b"sec1").decode()})[0], 200)
+            self.assertEqual(call(_basic("a2"))[0], 200)
+            status, body = call({})
+            self.assertEqual(status, 401)
+            self.assertIn("exactly one project (it has 2)", body["error"])
+            status, body = call(_basic("sa.user", "wrong"), "&project_id=101")
+            self.assertEqual((status, body["error"][:41]), (401, "Unauthorized, invalid project secret. See"))
+
+    def test_errors_echo_the_request(self):
+        status, body = _qj("segmentation", {"event": "x", "from_date": "2026-11-10"})
+        self.assertEqual((status, body), (400, {"request": "/api/2.0/segmentation?event=x&from_date=2026-11-10",
+                                                "error": "to_date is a required parameter"}))
+        status, body = _qj("segmentation", {"event": "x", "from_date": "1999-12-31", "to_date": "2026-11-10"})
+        self.assertEqual(body["error"], "Error in from_date: invalid date, bad year")
+        status, body = _qj("segmentation", {"event": "x", "from_date": "2026-11-10", "to_date": "2026-11-10",
+                                            "where": 'properties["a" =='})
+        self.assertEqual(body["error"], "invalid where: unexpected '=='; expected ']' (at column 16)")
+
+
+class TestExport(_QueryTestCase):
+
+    def export(self, token=QT, headers=None, **params):
+        status, head, body = _q("export", params, token, headers=headers)
+        return status, head, body
+
+    def lines(self, **params):
+        status, _, body = self.export(**params)
+        self.assertEqual(status, 200, body)
+        return [json.loads(line) for line in body.decode("utf-8").splitlines()]
+
+    def test_every_copy_in_range_with_export_properties(self):
+        rows = self.lines(from_date="2026-11-10", to_date="2026-11-11")
+        self.assertEqual([(r["event"], r["properties"]["distinct_id"]) for r in rows],
+                         [("Signed Up", "u1"), ("Paid", "u1"), ("Signed Up", "u2"), ("Signed Up", "u2"),
+                          ("Signed Up", "u3"), ("Paid", "u3")])
+        first = rows[0]["properties"]
+        self.assertNotIn("token", first)
+        self.assertEqual((first["time"], first["$insert_id"], first["$import"]), (_at("2026-11-10T09:00"), "e0", True))
+
+    def test_dates_are_utc_days_and_inclusive(self):
+        self.assertEqual(len(self.lines(from_date="2026-11-12", to_date="2026-11-12")), 1)
+        self.assertEqual(len(self.lines(token=LA, from_date="2026-11-11", to_date="2026-11-11")), 2)
+
+    def test_filters_limit_and_ms(self):
+        self.assertEqual(len(self.lines(from_date="2026-11-10", to_date="2026-11-12", event='["Paid"]')), 3)
+        rows = self.lines(from_date="2026-11-10", to_date="2026-11-12", where='properties["amount"] > 10')
+        self.assertEqual([r["properties"]["distinct_id"] for r in rows], ["u1"])
+        self.assertEqual(len(self.lines(from_date="2026-11-10", to_date="2026-11-12", limit=2)), 2)
+        rows = self.lines(from_date="2026-11-12", to_date="2026-11-12", time_in_ms="true")
+        self.assertEqual(rows[0]["properties"]["time"], _at("2026-11-12T08:00") * 1000)
+
+    def test_errors_are_plain_text(self):
+        for params, message in [
+                ({"from_date": "2026-11-10", "to_date": "2026-11-15"}, b"to_date cannot be later than today"),
+                ({"from_date": "2026-11-10", "to_date": "2026-11-11", "limit": 100001},
+                 b"limit must be between 0 and 100000"),
+                ({"to_date": "2026-11-11"}, b"from_date is a required parameter")]:
+            with self.subTest(params):
+                status, head, body = self.export(**params)
+                self.assertEqual((status, head["content-type"], body), (400, "text/plain; charset=utf-8", message))
+
+    def test_canonical_distinct_id_after_identity_merge(self):
+        _post("/track", [_event("Viewed", token=QT, **{"$device_id": "d9", "time": T0 - 60}),
+                         _event("Viewed", token=QT, **{"$device_id": "d9", "$user_id": "u1", "time": T0 - 30})])
+        rows = self.lines(from_date="2026-11-14", to_date="2026-11-14")
+        self.assertEqual([(r["properties"]["distinct_id"], r["properties"].get("$distinct_id_before_identity"))
+                          for r in rows], [("u1", "$device:d9"), ("u1", None)])
+
+    def test_streamed_and_gzipped_only_when_asked_and_large(self):
+        status, head, body = self.export(from_date="2026-11-10", to_date="2026-11-12",
+                                         headers={"Accept-Encoding": "gzip"})
+        self.assertEqual((status, head.get("content-encoding")), (200, "gzip"))
+        self.assertEqual(head.get("transfer-encoding"), "chunked")
+        self.assertEqual(len(gzip.decompress(body).splitlines()), 7)
+        status, head, body = self.export(from_date="2026-11-12", to_date="2026-11-12",
+                                         headers={"Accept-Encoding": "gzip"})
+        self.assertNotIn("content-encoding", head)  # 1 event: under 1400 bytes
+        self.assertEqual(len(body.splitlines()), 1)
+        status, head, body = self.export(from_date="2026-11-10", to_date="2026-11-12")
+        self.assertNotIn("content-encoding", head)
+
+    def test_non_ascii_written_raw(self):
+        _post("/track", [_event("Café ☕", token=QT, time=T0 - 60)])
+        status, _, body = self.export(from_date="2026-11-14", to_date="2026-11-14")
+        self.assertIn("Café ☕".encode("utf-8"), body)
+
+    def test_python_mirror(self):
+        rows = MP.export(project=QT, from_date="2026-11-12", to_date="2026-11-12")
+        self.assertEqual([r["event"] for r in rows], ["Paid"])
+
+
+class TestSegmentation(_QueryTestCase):
+
+    def seg(self, path="segmentation", token=QT, **params):
+        params.setdefault("from_date", "2026-11-10")
+        params.setdefault("to_date", "2026-11-12")
+        status, body = _qj(path, params, token)
+        self.assertEqual(status, 200, body)
+        return body
+
+    def test_counts_by_day_deduplicated_and_zero_filled(self):
+        self.assertEqual(self.seg(event="Signed Up"), {
+            "data": {"series": ["2026-11-10", "2026-11-11", "2026-11-12"],
+                     "values": {"Signed Up": {"2026-11-10": 2, "2026-11-11": 1, "2026-11-12": 0}}},
+            "legend_size": 1})
+
+    def test_buckets_follow_the_project_timezone(self):
+        body = self.seg(token=LA, event="Signed Up")
+        self.assertEqual(body["data"]["values"], {"Signed Up": {"2026-11-10": 3, "2026-11-11": 0, "2026-11-12": 0}})
+
+    def test_on_segments_with_top_limit(self):
+        body = self.seg(event="Signed Up", on='properties["plan"]')
+        self.assertEqual(body["data"]["values"], {"pro": {"2026-11-10": 1, "2026-11-11": 1, "2026-11-12": 0},
+                                                  "free": {"2026-11-10": 1, "2026-11-11": 0, "2026-11-12": 0}})
+        self.assertEqual(body["legend_size"], 2)
+        self.assertEqual(list(self.seg(event="Signed Up", on='properties["plan"]', limit=1)["data"]["values"]), ["pro"])
+
+    def test_units(self):
+        week = self.seg(event="Paid", unit="week")["data"]
+        self.assertEqual((week["series"], week["values"]), (["2026-11-09"], {"Paid": {"2026-11-09": 3}}))
+        month = self.seg(event="Paid", unit="month")["data"]
+        self.assertEqual(month["values"], {"Paid": {"2026-11-01": 3}})
+        hour = self.seg(event="Paid", unit="hour", from_date="2026-11-11", to_date="2026-11-11")["data"]
+        self.assertEqual(len(hour["series"]), 24)
+        self.assertEqual(hour["values"]["Paid"]["2026-11-11 02:00:00"], 1)
+
+    def test_unique_and_average_count_people(self):
+        self.assertEqual(self.seg(event="Paid", type="unique", unit="week")["data"]["values"],
+                         {"Paid": {"2026-11-09": 2}})
+        self.assertEqual(self.seg(event="Paid", type="average", unit="week")["data"]["values"],
+                         {"Paid": {"2026-11-09": 1.5}})
+
+    def test_unique_counts_merged_identities_once(self):
+        _post("/track", [_event("Viewed", token=QT, **{"$device_id": "d9", "time": T0 - 60}),
+                         _event("Viewed", token=QT, **{"$device_id": "d9", "$user_id": "u1", "time": T0 - 30})])
+        body = self.seg(event="Viewed", type="unique", from_date="2026-11-14", to_date="2026-11-14")
+        self.assertEqual(body["data"]["values"], {"Viewed": {"2026-11-14": 1}})
+
+    def test_where(self):
+        body = self.seg(event="Signed Up", where='properties["plan"] == "pro" and properties["amount"] > 10')
+        self.assertEqual(body["data"]["values"]["Signed Up"], {"2026-11-10": 1, "2026-11-11": 0, "2026-11-12": 0})
+
+    def test_sum_and_average(self):
+        # Non-numbers count as 0.0 (query-api.md §5.5): u3's amount is the string "12".
+        self.assertEqual(self.seg("segmentation/sum", event="Signed Up", on='properties["amount"]')["results"],
+                         {"2026-11-10": 25.0, "2026-11-11": 0.0, "2026-11-12": 0.0})
+        body = self.seg("segmentation/average", event="Signed Up", on='properties["amount"]')
+        self.assertEqual((body["status"], body["results"]),
+                         ("ok", {"2026-11-10": 12.5, "2026-11-11": 0.0, "2026-11-12": 0.0}))
+
+    def test_numeric_buckets(self):
+        body = self.seg("segmentation/numeric", event="Signed Up", on='properties["amount"]', buckets=3)
+        self.assertEqual(body["data"], {"series": ["2026-11-10"],
+                                        "values": {"5 - 10": {"2026-11-10": 1}, "20 - 25": {"2026-11-10": 1}}})
+
+    def test_python_mirror(self):
+        body = MP.segmentation(project=QT, event="Paid", from_date="2026-11-12", to_date="2026-11-12")
+        self.assertEqual(body["data"]["values"], {"Paid": {"2026-11-12": 1}})
+
+
+class TestEventsEndpoints(_QueryTestCase):
+
+    def test_events_counts(self):
+        status, body = _qj("events", {"event": '["Signed Up", "Paid"]', "type": "general", "unit": "day",
+                                      "from_date": "2026-11-11", "to_date": "2026-11-12"})
+        self.assertEqual(body, {"data": {"series": ["2026-11-11", "2026-11-12"], "values": {
+            "Signed Up": {"2026-11-11": 1, "2026-11-12": 0}, "Paid": {"2026-11-11": 1, "2026-11-12": 1}}},
+            "legend_size": 2})
+
+    def test_seed_style_call_gets_defaults_and_the_events(self):
+        status, body = _qj("events", {"event": '["Paid"]'})
+        self.assertEqual(status, 200)
+        self.assertEqual(len(body["data"]["series"]), 30)
+        self.assertEqual(body["data"]["series"][-1], "2026-11-14")
+        self.assertEqual(sum(body["data"]["values"]["Paid"].values()), 3)
+        self.assertEqual([e["properties"]["distinct_id"] for e in body["events"]], ["u1", "u1", "u3"])
+
+    def test_names_top_and_values(self):
+        _post("/track", [_event("Opened", token=QT, time=T0 - 60), _event("Opened", token=QT, time=T0 - 30),
+                         _event("Opened", token=QT, time=T0 - 86400)])
+        # Most frequent first (MQP), ties by name: 3 of each here.
+        self.assertEqual(_qj("events/names", {"type": "general"})[1], ["Opened", "Paid", "Signed Up"])
+        self.assertEqual(_qj("events/top", {"type": "general"})[1],
+                         {"events": [{"amount": 2, "event": "Opened", "percent_change": 1.0}], "type": "general"})
+        self.assertEqual(_qj("events/properties/values", {"event": "Signed Up", "name": "plan"})[1], ["pro", "free"])
+        top = _qj("events/properties/top", {"event": "Signed Up", "limit": 2})[1]
+        self.assertEqual(list(top.values()), [{"count": 3}, {"count": 3}])
+
+    def test_event_properties_by_value(self):
+        status, body = _qj("events/properties", {"event": "Signed Up", "name": "plan", "type": "unique",
+                                                 "unit": "day", "from_date": "2026-11-10", "to_date": "2026-11-11"})
+        self.assertEqual(body["data"]["values"], {"pro": {"2026-11-10": 1, "2026-11-11": 1},
+                                                  "free": {"2026-11-10": 1, "2026-11-11": 0}})
+
+
+class TestFunnels(_QueryTestCase):
+
+    def test_saved_funnel_listed_and_computed(self):
+        funnel_id = MP.add_funnel("Signup to pay", ["Signed Up", "Paid"], window=1, project=QT)
+        self.assertEqual(_qj("funnels/list")[1], [{"funnel_id": funnel_id, "name": "Signup to pay"}])
+        status, body = _qj("funnels", {"funnel_id": funnel_id, "from_date": "2026-11-10", "to_date": "2026-11-12"})
+        self.assertEqual(body["meta"], {"dates": ["2026-11-10", "2026-11-11", "2026-11-12"]})
+        day10 = body["data"]["2026-11-10"]
+        self.assertEqual([(s["count"], s["step_conv_ratio"], s["avg_time"]) for s in day10["steps"]],
+                         [(2, 1, None), (1, 0.5, 3600)])
+        self.assertEqual(day10["analysis"], {"completion": 1, "starting_amount": 2, "steps": 2, "worst": 1})
+        self.assertEqual([s["count"] for s in body["data"]["2026-11-11"]["steps"]], [1, 1])
+        self.assertEqual([s["count"] for s in body["data"]["2026-11-12"]["steps"]], [0, 0])
+
+    def test_window_and_segments(self):
+        status, body = _qj("funnels", {"events": '[{"event": "Signed Up"}, {"event": "Paid"}]', "length": 30,
+                                       "length_unit": "minute", "from_date": "2026-11-10", "to_date": "2026-11-11",
+                                       "unit": "week", "on": 'properties["plan"]'})
+        week = body["data"]["2026-11-09"]
+        self.assertEqual([s["count"] for s in week["$overall"]], [3, 0])  # paid after an hour: outside 30 min
+        self.assertEqual([s["count"] for s in week["pro"]], [2, 0])
+
+    def test_funnels_over_http_registration(self):
+        status, _, body = _http("POST", "/__parlel/funnels", json.dumps(
+            {"project": QT, "name": "F", "steps": ["Signed Up", "Paid"]}))
+        funnel_id = json.loads(body)["funnel_id"]
+        self.assertEqual(_json("GET", f"/__parlel/funnels?project={QT}")[1]["funnels"][0]["funnel_id"], funnel_id)
+        status, body = _json("POST", "/__parlel/funnels", json.dumps({"project": QT, "name": "F", "steps": ["one"]}))
+        self.assertEqual((status, body), (400, {"error": "a funnel needs at least 2 steps"}))
+
+    def test_unknown_funnel(self):
+        status, body = _qj("funnels", {"funnel_id": 999999, "from_date": "2026-11-10", "to_date": "2026-11-10"})
+        self.assertEqual((status, body["error"]), (400, "funnel_id 999999 does not name a saved funnel"))
+
+
+class TestRetention(_QueryTestCase):
+
+    def test_birth_retention(self):
+        status, body = _qj("retention", {"born_event": "Signed Up", "event": "Paid", "from_date": "2026-11-10",
+                                         "to_date": "2026-11-11", "interval_count": 2})
+        self.assertEqual(body, {"2026-11-10": {"counts": [1, 1, 0], "first": 2},
+                                "2026-11-11": {"counts": [1, 0, 0], "first": 1}})
+
+    def test_unbounded_accumulates_from_the_right(self):
+        status, body = _qj("retention", {"born_event": "Signed Up", "event": "Paid", "from_date": "2026-11-10",
+                                         "to_date": "2026-11-10", "interval_count": 2, "unbounded_retention": "true"})
+        self.assertEqual(body["2026-11-10"]["counts"], [1, 1, 0])
+
+    def test_addiction(self):
+        status, body = _qj("retention/addiction", {"event": "Paid", "from_date": "2026-11-10", "to_date": "2026-11-12",
+                                                   "unit": "week", "addiction_unit": "day"})
+        self.assertEqual(body, {"data": {"2026-11-09": [2, 1, 0, 0, 0, 0, 0]}})
+
+
+class TestEngageQuery(_QueryTestCase):
+
+    def test_where_and_paging_with_a_frozen_session(self):
+        status, page0 = _qj("engage", {"where": 'properties["age"] > 25', "page_size": 1}, method="POST")
+        self.assertEqual((page0["total"], page0["page"], page0["status"]), (2, 0, "ok"))
+        self.assertEqual(page0["results"], [{"$distinct_id": "u1", "$properties": {"plan": "pro", "age": 30}}])
+        _http("POST", "/engage", json.dumps({"$token": QT, "$distinct_id": "u9", "$set": {"age": 99}}))
+        session = {"session_id": page0["session_id"], "page_size": 1, "where": 'properties["age"] > 25'}
+        self.assertEqual(_qj("engage", dict(session, page=1))[1]["results"][0]["$distinct_id"], "u3")
+        self.assertEqual(_qj("engage", dict(session, page=2))[1]["results"], [])
+        self.assertEqual(_qj("engage", {"page": 1})[1]["error"], "session_id is required for page > 0")
+
+    def test_ids_outputs_cohorts_and_groups(self):
+        body = _qj("engage", {"distinct_ids": '["u3", "u1", "nobody"]', "output_properties": '["age"]'})[1]
+        self.assertEqual(body["results"], [{"$distinct_id": "u3", "$properties": {"age": 40}},
+                                           {"$distinct_id": "u1", "$properties": {"age": 30}}])
+        cohort = MP.add_cohort("Pros", where='properties["plan"] == "pro"', project=QT)
+        body = _qj("engage", {"filter_by_cohort": json.dumps({"id": cohort}), "include_all_users": "false"})[1]
+        self.assertEqual([r["$distinct_id"] for r in body["results"]], ["u1", "u3"])
+        listing = _qj("cohorts/list", method="POST")[1]
+        self.assertEqual([(c["id"], c["name"], c["count"], c["is_visible"]) for c in listing],
+                         [(cohort, "Pros", 2, 1)])
+        _http("POST", "/groups", json.dumps({"$token": QT, "$group_key": "company", "$group_id": "acme",
+                                             "$set": {"size": 5}}))
+        body = _qj("engage", {"data_group_id": "company"})[1]
+        self.assertEqual(body["results"], [{"$group_id": "acme", "$properties": {"size": 5}}])
+
+    def test_selector_is_where(self):
+        body = _qj("engage", {"selector": '(("pro" == properties["plan"]) and (defined (properties["age"])))'})[1]
+        self.assertEqual(body["total"], 2)
+
+
+class TestAnnotationsAndInsights(_QueryTestCase):
+
+    def test_annotations_lifecycle(self):
+        created = _qj("annotations/create", {"date": "2026-11-11 12:00:00", "description": "launch"}, method="POST")[1]
+        self.assertEqual(created["error"], False)
+        listing = _qj("annotations", {"from_date": "2026-11-10", "to_date": "2026-11-12"})[1]
+        self.assertEqual(listing, {"annotations": [{"date": "2026-11-11 12:00:00", "project_id": Project(QT).project_id,
+                                                    "id": created["id"], "description": "launch"}], "error": False})
+        _qj("annotations/update", {"id": created["id"], "date": "2026-11-12", "description": "moved"}, method="POST")
+        self.assertEqual(_qj("annotations", {"from_date": "2026-11-12", "to_date": "2026-11-12"})[1]["annotations"][0]
+                         ["description"], "moved")
+        self.assertEqual(_qj("annotations/delete", {"id": created["id"]}, method="POST")[1], {"error": False})
+        self.assertEqual(_qj("annotations/delete", {"id": created["id"]}, method="POST")[0], 400)
+
+    def test_saved_insights_report(self):
+        bookmark = MP.add_insight("Signups", "Signed Up", days=7, project=QT)
+        status, body = _qj("insights", {"bookmark_id": bookmark})
+        self.assertEqual(body["headers"], ["$event"])
+        self.assertEqual(body["date_range"], {"from_date": "2026-11-08T00:00:00+00:00",
+                                              "to_date": "2026-11-14T23:59:59.999000+00:00"})
+        series = body["series"]["Signed Up"]
+        self.assertEqual((series["2026-11-10T00:00:00+00:00"], series["2026-11-11T00:00:00+00:00"], len(series)),
+                         (2, 1, 7))
+        self.assertEqual(_qj("insights", {"bookmark_id": 424242})[0], 400)
+
+
+class TestQueryEndToEnd(_ServerTestCase):
+    """Events sent by the real Python SDK, read back through the query API."""
+
+    def test_python_sdk_events_through_export_and_segmentation(self):
+        _require(mixpanel is not None, "the Python mixpanel SDK is not installed "
+                                       "(pip install -r conformance/requirements.txt)", self)
+        MP.set_time(None)
+        token = "e2e_tok"
+        MP.add_project(Project(token))
+        self.addCleanup(MP.reset, token)
+        client = mixpanel.Mixpanel(token, consumer=mixpanel.Consumer(retry_limit=0, **MP.urls))
+        for i in range(5):
+            client.track(f"user{i % 2}", "Checkout", {"cart": i, "tier": "gold" if i < 3 else "basic"})
+        today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+        rows = MP.export(project=token, from_date=today, to_date=today)
+        self.assertEqual(sorted(r["properties"]["cart"] for r in rows), [0, 1, 2, 3, 4])
+        seg = MP.segmentation(project=token, event="Checkout", from_date=today, to_date=today,
+                              on='properties["tier"]', type="unique")
+        self.assertEqual(seg["data"]["values"], {"gold": {today: 2}, "basic": {today: 2}})
 
 
 # =============================================================================
