@@ -122,8 +122,8 @@ _PLACEHOLDER_IDS = frozenset((
     "00000000-0000-0000-0000-000000000000", "anon", "anonymous", "nil", "none", "null",
     "n/a", "na", "undefined", "unknown", "<nil>", "0", "-1", "true", "false", "[]", "{}",
     "lmy47d"))
-_INSERT_ID_RE = re.compile(r"^[A-Za-z0-9-]{1,36}$")
-_UUID4_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$", re.I)
+_INSERT_ID_RE = re.compile(r"[A-Za-z0-9-]{1,36}")  # used with fullmatch
+_UUID4_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", re.I)
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
 _IDENTITY_EVENTS = frozenset(("$identify", "$create_alias", "$merge"))
 _SIMPLIFIED_IDENTITY_ERROR = ("identity events are not allowed when project is using "
@@ -694,9 +694,16 @@ def _apply_ops(table: dict, key: Any, ops: list[tuple[str, Any]],
         return None
     if touched and last_seen is not None:
         props["$last_seen"] = last_seen
-    if len(props) > _MAX_PROFILE_PROPERTIES and len(props) > len(old or ()):
-        return (f"profile would have {len(props)} properties; "
-                f"the limit is {_MAX_PROFILE_PROPERTIES}")
+    count = len(props) - ("$last_seen" in props)  # Mixpanel's own stamp is not counted
+    if count > _MAX_PROFILE_PROPERTIES and len(props) > len(old or ()):
+        return f"profile would have {count} properties; the limit is {_MAX_PROFILE_PROPERTIES}"
+    for op, value in ops:
+        if op in ("$append", "$union"):
+            for name in value:
+                if isinstance(props.get(name), list) and \
+                        len(_dumps(props[name])) > _MAX_PROFILE_COLLECTION_BYTES:
+                    return (f"'{op}.{name}' is invalid: the list would exceed "
+                            f"{_MAX_PROFILE_COLLECTION_BYTES // 1024}KB")
     table[key] = props
     return None
 
@@ -733,11 +740,11 @@ def _apply_identity(mode: str, state: _ProjectState, event: dict) -> None:
         return
     name = event["event"]
     if name == "$identify":
-        known, anon = props["$identified_id"], props["$anon_id"]
+        known, anon = _identify_ids(props)
         if known == anon:
             _identity_failure(props, "errSameIDs",
                               f"Identified and anon ID are same in the identify request {anon}")
-        elif not _UUID4_RE.match(anon):
+        elif not _UUID4_RE.fullmatch(anon[len("$device:"):] if anon.startswith("$device:") else anon):
             _identity_failure(props, "errAnonDistinctIdNonGUIDForm",
                               f"$anon_distinct_id didn't match expected GUID pattern: {anon}")
         elif identity.identified.get(anon, known) != known:
@@ -754,6 +761,15 @@ def _apply_identity(mode: str, state: _ProjectState, event: dict) -> None:
     elif name == "$merge":
         first, second = props["$distinct_ids"]
         _merge_clusters(state, first, second, props)
+
+
+def _identify_ids(props: dict) -> tuple[str | None, str | None]:
+    """`$identify`'s two ids, as the HTTP API names them (`$identified_id`,
+    `$anon_id`) or as the client SDKs send them (`distinct_id`,
+    `$anon_distinct_id`; sdks.md §3.5)."""
+    known = _id_text(props.get("$identified_id")) or _id_text(props.get("distinct_id"))
+    anon = _id_text(props.get("$anon_id")) or _id_text(props.get("$anon_distinct_id"))
+    return known, anon
 
 
 def _merge_clusters(state: _ProjectState, keep: str, other: str, props: dict) -> bool:
@@ -1807,6 +1823,8 @@ def _check_value(value: Any, field: str, depth: int, limits: _Limits) -> Any:
                  for k, v in value.items()]
         if any(k is not k0 or v is not v0 for (k, v), (k0, v0) in zip(pairs, value.items())):
             result = dict(pairs)
+            if len(result) < len(pairs):
+                raise _collision(field, next(k for k, _ in pairs if len(k) == _MAX_STRING))
     if depth == 1 and len(_dumps(result)) > limits.collection_bytes:
         raise _invalid(field, f"list and object properties must be at most "
                               f"{limits.collection_bytes // 1024}KB")
@@ -1825,11 +1843,21 @@ def _check_properties(props: dict, prefix: str, limits: _Limits) -> dict:
                 changes = []
             changes.append((name, new_name, new_value))
     if changes:
-        props = dict(props)
-        for name, new_name, new_value in changes:
-            del props[name]
-            props[new_name] = new_value
+        replaced = {name: (new_name, new_value) for name, new_name, new_value in changes}
+        rebuilt: dict = {}
+        for name, value in props.items():
+            new_name, new_value = replaced.get(name, (name, value))
+            if new_name in rebuilt:
+                raise _collision(prefix.rstrip("."), new_name)
+            rebuilt[new_name] = new_value
+        props = rebuilt
     return props
+
+
+def _collision(field: str, name: str) -> _Reject:
+    """Two names that are one after truncation: refused, not silently merged."""
+    return _invalid(field, f"two property names are the same once cut to {_MAX_STRING} "
+                           f"characters: {name[:40]}...")
 
 
 def _check_id(props: dict, field: str) -> None:
@@ -1856,6 +1884,11 @@ def _normalize_event(record: Any, batch: _Batch) -> tuple[str, dict]:
     name = record.get("event")
     if not isinstance(name, str) or not name.strip():
         raise _Reject("event", "'event' must not be missing or blank")
+    if batch.strict and len(record) > 2:
+        extra = sorted(k for k in record if k not in ("event", "properties"))
+        if extra:
+            raise _Reject(extra[0], f"'{extra[0]}' is not allowed: a record has only "
+                                    "'event' and 'properties'")
     props = record.get("properties")
     if props is None:
         props = {}
@@ -1892,10 +1925,13 @@ def _normalize_event(record: Any, batch: _Batch) -> tuple[str, dict]:
             raise _invalid("properties.$insert_id", "must not be missing")
         # R-dedup: a generated id, so the event is never merged with another.
         props["$insert_id"] = os.urandom(16).hex()
-    elif not isinstance(insert_id, str) or not _INSERT_ID_RE.match(insert_id):
+    elif not isinstance(insert_id, str) or not _INSERT_ID_RE.fullmatch(insert_id):
         raise _invalid("properties.$insert_id", "must be at most 36 bytes of letters, digits and '-'")
     elif insert_id.lower() in _PLACEHOLDER_IDS:
         raise _invalid("properties.$insert_id", f"{insert_id!r} is a placeholder, not an id")
+    # `ip` is used for geolocation and then discarded (D-reserved); the fake
+    # does no geolocation.
+    props.pop("ip", None)
     # Properties Mixpanel adds on ingestion (D-reserved, default properties).
     now_ms = round(batch.now * 1000)
     props["$mp_api_endpoint"] = batch.host
@@ -1950,11 +1986,12 @@ def _derive_distinct_id(props: dict) -> None:
 def _check_identity_event(name: str, props: dict, batch: _Batch) -> None:
     """Original ID Merge: the properties each identity event needs (R-ident)."""
     if name == "$identify":
-        for field in ("$identified_id", "$anon_id"):
-            if _id_text(props.get(field)) is None:
-                raise _invalid(f"properties.{field}", "must not be missing")
-            props[field] = _id_text(props[field])
-        props.setdefault("distinct_id", props["$identified_id"])
+        known, anon = _identify_ids(props)
+        if known is None:
+            raise _invalid("properties.$identified_id", "must not be missing")
+        if anon is None:
+            raise _invalid("properties.$anon_id", "must not be missing")
+        props.setdefault("distinct_id", known)
     elif name == "$create_alias":
         for field in ("distinct_id", "alias"):
             if _id_text(props.get(field)) is None:
@@ -1980,30 +2017,37 @@ def _id_text(value: Any) -> str | None:
 
 
 def _normalize_update(record: Any, kind: str, fallback_token: str | None,
-                      now: float, index: int) -> _Update:
-    """One /engage or /groups update, checked, or `_Reject` saying why not."""
+                      now: float, index: int, sized: bool = False) -> _Update:
+    """One /engage or /groups update, checked, or `_Reject` saying why not.
+
+    Ids follow the rules of event strings (UTF-8, cut at 255), so a profile
+    and the events of its person share one id.
+    """
     prefix = "Engage API error: " if kind == "people" else "Groups API error: "
     if not isinstance(record, dict):
         raise _Reject(None, prefix + "each update must be a JSON object")
     token = record.get("$token") or fallback_token
     if not isinstance(token, str) or not token:
         raise _Reject("$token", prefix + "$token, missing or empty")
-    if kind == "people":
-        key: Any = _id_text(record.get("$distinct_id"))
-        if key is None:
-            raise _Reject("$distinct_id", prefix + "$distinct_id, missing or empty")
-        allowed = _PEOPLE_OPS
-    else:
-        group_key = record.get("$group_key")
-        if not isinstance(group_key, str) or not group_key:
-            raise _Reject("$group_key", prefix + "$group_key, missing or empty")
-        group_id = _id_text(record.get("$group_id"))
-        if group_id is None:
-            raise _Reject("$group_id", prefix + "$group_id, missing or empty")
-        key = (group_key, group_id)
-        allowed = _GROUP_OPS
     ops = []
     try:
+        if sized and len(_dumps(record)) >= _MAX_EVENT_BYTES:
+            raise _Reject(None, "update is invalid: must be smaller than 1MB of uncompressed JSON")
+        if kind == "people":
+            key: Any = _id_text(record.get("$distinct_id"))
+            if key is None:
+                raise _Reject("$distinct_id", "$distinct_id, missing or empty")
+            key = _check_string(key, "$distinct_id")
+            allowed = _PEOPLE_OPS
+        else:
+            group_key = record.get("$group_key")
+            if not isinstance(group_key, str) or not group_key:
+                raise _Reject("$group_key", "$group_key, missing or empty")
+            group_id = _id_text(record.get("$group_id"))
+            if group_id is None:
+                raise _Reject("$group_id", "$group_id, missing or empty")
+            key = (_check_string(group_key, "$group_key"), _check_string(group_id, "$group_id"))
+            allowed = _GROUP_OPS
         for op, value in record.items():
             if op in allowed:
                 ops.append((op, _check_op(op, value, prefix)))
@@ -2038,9 +2082,9 @@ def _check_op(op: str, value: Any, prefix: str) -> Any:
     if op == "$delete":
         return value
     if op == "$unset":
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise _Reject(op, prefix + "$unset must be a list of property names")
-        return value
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+            raise _Reject(op, prefix + "$unset must be a non-empty list of property names")
+        return [_check_string(name, "$unset") for name in value]
     if not isinstance(value, dict):
         raise _Reject(op, prefix + f"{op} must be an object of properties")
     if op == "$add":
@@ -2049,8 +2093,8 @@ def _check_op(op: str, value: Any, prefix: str) -> Any:
                 raise _Reject(f"$add.{name}", prefix + f"$add value for {name!r} must be a number")
     elif op == "$union":
         for name, items in value.items():
-            if not isinstance(items, list):
-                raise _Reject(f"$union.{name}", prefix + f"$union value for {name!r} must be a list")
+            if not isinstance(items, list) or not items:
+                raise _Reject(f"$union.{name}", prefix + f"$union value for {name!r} must be a non-empty list")
     # Profile strings and names are cut at 255 like event ones; list and
     # object values may hold 256KB (D-types), nested without a depth limit.
     return _check_properties(value, op + ".", _PROFILE_LIMITS)
@@ -2141,13 +2185,17 @@ def _ingest_events(store: Store, req: _Request, endpoint: str) -> _Response:
             return _import_failure(400, str(exc))
         return _ingest_answer(req, False, str(exc))
     strict = endpoint == "/import" and _import_is_strict(req, dialect)
+    json_answer = endpoint == "/import" and (dialect == "json" or strict)
     if len(records) > _MAX_BATCH:
         # R-track/R-import: 2000 events per request; the 413 page lists
         # "too many events per batch" among its causes.
         _refuse_request(store, req, endpoint, _too_many(len(records)))
-        if endpoint == "/import" and dialect == "json":
+        if json_answer:
             return _import_failure(413, _too_many(len(records)))
         return _ingest_answer(req, False, _too_many(len(records)), status=413)
+    if strict and not records:
+        _refuse_request(store, req, endpoint, "the request holds no records")
+        return _import_failure(400, "the request holds no records")  # OAS: minItems 1
     batch = _Batch(store, req, endpoint, strict)
     accepted: list[tuple[str, dict]] = []
     accepted_at: list[int] = []
@@ -2233,11 +2281,12 @@ def _ingest_profiles(store: Store, req: _Request, kind: str, endpoint: str) -> _
         _refuse_request(store, req, endpoint, _too_many(len(records)))
         return _ingest_answer(req, False, _too_many(len(records)), status=413)
     fallback = _credential_token(store, req)
+    sized = len(req.body) + len(req.raw.get("data") or "") >= _MAX_EVENT_BYTES
     updates = []
     rejected: list[dict] = []
     for index, record in enumerate(records):
         try:
-            updates.append(_normalize_update(record, kind, fallback, now, index))
+            updates.append(_normalize_update(record, kind, fallback, now, index, sized))
         except _Reject as reject:
             token = _record_token(record, kind) or fallback
             rejected.append(_rejection(endpoint, token, index, record, reject, now))
@@ -4363,6 +4412,7 @@ class MixpanelFake:
 
     def profile(self, distinct_id: Any, project: str | None = None) -> dict | None:
         key = _id_text(distinct_id)
+        key = key[:_MAX_STRING] if key is not None else None  # stored ids are cut at 255
         matches = [props for _, found, props in self.store.profile_rows("people", project)
                    if found == key]
         return _copy(matches[-1]) if matches else None  # the same one profiles() shows

@@ -485,6 +485,10 @@ class TestEventStorage(_ServerTestCase):
 # =============================================================================
 
 
+def _engage_as(distinct_id, update, token=TOKEN):
+    return _http("POST", "/engage", json.dumps(dict({"$token": token, "$distinct_id": distinct_id}, **update)))
+
+
 def _engage(*updates, token=TOKEN, path="/engage"):
     return _http("POST", path, json.dumps([dict({"$token": token, "$distinct_id": "u"}, **u)
                                            for u in updates]))
@@ -533,7 +537,7 @@ class TestProfiles(_ServerTestCase):
 
     def test_operators_apply_in_batch_order(self):
         _engage({"$set": {"n": 1}}, {"$add": {"n": 2}}, {"$delete": ""}, {"$set_once": {"n": 10}},
-                {"$add": {"n": 1}}, {"$ignore_time": True, "$unset": []})
+                {"$add": {"n": 1}}, {"$ignore_time": True, "$unset": ["zz"]})
         self.assertEqual(MP.profile("u")["n"], 11)
 
     def test_several_operators_in_one_update_apply_in_key_order(self):
@@ -573,9 +577,15 @@ class TestProfiles(_ServerTestCase):
             ({"$token": TOKEN, "$distinct_id": "u", "$add": {"n": True}}, "$add.n",
              "$add value for 'n' must be a number"),
             ({"$token": TOKEN, "$distinct_id": "u", "$union": {"l": "a"}}, "$union.l",
-             "$union value for 'l' must be a list"),
+             "$union value for 'l' must be a non-empty list"),
+            ({"$token": TOKEN, "$distinct_id": "u", "$union": {"l": []}}, "$union.l",
+             "$union value for 'l' must be a non-empty list"),
             ({"$token": TOKEN, "$distinct_id": "u", "$unset": "a"}, "$unset",
-             "$unset must be a list of property names"),
+             "$unset must be a non-empty list of property names"),
+            ({"$token": TOKEN, "$distinct_id": "u", "$unset": []}, "$unset",
+             "$unset must be a non-empty list of property names"),
+            ({"$token": TOKEN, "$distinct_id": "bad\udcff", "$set": {"a": 1}}, "$distinct_id",
+             "$distinct_id is invalid: string should be valid utf8"),
             ({"$token": TOKEN, "$distinct_id": {"id": 1}, "$set": {"a": 1}}, "$distinct_id",
              "$distinct_id, missing or empty"),
         ]
@@ -864,11 +874,74 @@ class TestValidation(_ServerTestCase):
             "code": 413, "error": "request exceeds max limit of 10485760 bytes",
             "status": "Request Entity Too Large"}))
 
+    def test_sdk_identify_shape_merges_in_original_projects(self):
+        # The client SDKs send {distinct_id: new, $anon_distinct_id: previous} (sdks.md §3.5).
+        MP.add_project(Project("orig_sdk", id_merge="original"))
+        self.addCleanup(MP.reset, "orig_sdk")
+        anon = "$device:" + UUID_B
+        _post("/track", [_event("$identify", token="orig_sdk", distinct_id="user-7",
+                                **{"$anon_distinct_id": anon})])
+        self.assertEqual(MP.canonical(anon, project="orig_sdk"), "user-7")
+        self.assertNotIn("$failure_reason", MP.events(project="orig_sdk")[0]["properties"])
+
+    def test_a_trailing_newline_is_not_a_valid_insert_id(self):
+        self.assertEqual(_post("/import", [_full(**{"$insert_id": "a" * 35 + "\n"})])[0], 400)
+
+    def test_profile_ids_follow_event_string_rules(self):
+        long_id = "i" * 300
+        _post("/track", [_event(distinct_id=long_id)])
+        _engage_as(long_id, {"$set": {"a": 1}, "$ignore_time": True})
+        self.assertEqual(MP.events()[0]["properties"]["distinct_id"], "i" * 255)
+        self.assertEqual(MP.profiles(), {"i" * 255: {"a": 1}})
+        _engage_as(long_id, {"$set": {"k" * 300: 1}, "$ignore_time": True})
+        _engage_as(long_id, {"$unset": ["k" * 300], "$ignore_time": True})
+        self.assertEqual(MP.profile(long_id), {"a": 1})
+
+    def test_names_that_collide_once_cut_are_refused(self):
+        self.assertEqual(_post("/track?verbose=1", [_event(**{"n" * 255: "exact", "n" * 256: "long"})]), (200, {
+            "status": 0, "error": "'properties' is invalid: two property names are the same once cut to 255 "
+                                  "characters: nnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnn..."}))
+
+    def test_profile_lists_stop_at_256kb(self):
+        # D-types: a profile list holds at most 256KB, however it grew.
+        for first in range(0, 1200, 100):
+            _http("POST", "/engage", json.dumps([{"$token": TOKEN, "$distinct_id": "u", "$ignore_time": True,
+                                                  "$append": {"l": f"{i:04d}" + "x" * 250}}
+                                                 for i in range(first, first + 100)]))
+        stored = MP.profile("u")["l"]
+        self.assertLessEqual(len(json.dumps(stored, separators=(",", ":"))), 256 * 1024)
+        self.assertGreater(len(json.dumps(stored, separators=(",", ":"))), 256 * 1024 - 300)
+        self.assertEqual(MP.rejected()[0]["reason"],
+                         "Engage API error: '$append.l' is invalid: the list would exceed 256KB")
+
+    def test_update_over_1mb_is_refused(self):
+        big = {"$set": {f"p{i}": ["y" * 250] * 30 for i in range(140)}}
+        self.assertEqual(_engage(big)[2], b"0")
+        self.assertEqual(MP.rejected()[0]["reason"],
+                         "Engage API error: update is invalid: must be smaller than 1MB of uncompressed JSON")
+
+    def test_ip_property_is_not_stored(self):
+        # D-reserved: ip is used for geolocation, then discarded.
+        _post("/track", [_event(ip="203.0.113.9", kept=1)])
+        self.assertNotIn("ip", MP.events()[0]["properties"])
+
+    def test_strict_import_shape_rules(self):
+        record = dict(_full(), extra=1)
+        self.assertEqual(_post("/import", [record])[1]["failed_records"][0]["message"],
+                         "'extra' is not allowed: a record has only 'event' and 'properties'")
+        self.assertEqual(_post("/import", [record], "?strict=0")[1]["num_records_imported"], 1)
+        self.assertEqual(_post("/import", []), (400, {"code": 400, "error": "the request holds no records",
+                                                      "status": "Bad Request"}))
+        status, _, body = _http("POST", "/import?strict=1", _form(data=json.dumps([_full()] * 2001)))
+        self.assertEqual((status, json.loads(body)["code"]), (413, 413))
+
     def test_profile_of_more_than_2000_properties_is_refused(self):
-        _engage({"$set": {f"p{i}": i for i in range(1999)}, "$ignore_time": True})
-        self.assertEqual(len(MP.profile("u")), 1999)
-        self.assertEqual(_engage({"$set": {"a": 1, "b": 2}, "$ignore_time": True})[2], b"0")
-        self.assertEqual(len(MP.profile("u")), 1999)
+        # $last_seen, Mixpanel's own stamp, does not count.
+        _engage({"$set": {f"p{i}": i for i in range(1999)}})
+        self.assertEqual(len(MP.profile("u")), 2000)
+        self.assertEqual(_engage({"$set": {"a": 1}})[2], b"1")
+        self.assertEqual(_engage({"$set": {"b": 1}})[2], b"0")
+        self.assertEqual(len(MP.profile("u")), 2001)
         self.assertEqual(MP.rejected()[0]["reason"],
                          "Engage API error: profile would have 2001 properties; the limit is 2000")
 
