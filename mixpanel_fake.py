@@ -1683,31 +1683,71 @@ def _compile_any(var: str, items: Callable, predicate: Callable) -> Callable[[di
     return any_of
 
 
-class _Expression:
-    """A compiled expression: call ``fn(props, scope)``; ``uses`` says which
-    of user[...] and behaviors[...] it reads, so callers fetch only those."""
+# --- `where`: the same AST compiled as a test ---------------------------------
 
-    __slots__ = ("text", "fn", "uses_user", "uses_behaviors")
+
+def _is_boolean(node: tuple) -> bool:
+    """Nodes whose value is always true, false or undefined."""
+    tag = node[0]
+    if tag in ("cmp", "not", "any"):
+        return True
+    if tag == "call":
+        return node[1] in ("defined", "boolean")
+    if tag in ("and", "or"):
+        return _is_boolean(node[1]) and _is_boolean(node[2])
+    return tag == "lit" and isinstance(node[1], bool)
+
+
+def _compile_test(node: tuple) -> Callable[..., bool]:
+    """A closure (props, scope=none) -> bool: does a `where` keep the row?
+
+    Where the operands can only be true, false or undefined, `and`, `or` and
+    `not` become Python's (undefined is false there, as in Mixpanel), and a
+    first operand comparing a property with a string is inlined: a filter
+    that fails on its first test costs one call, like a hand-written lambda.
+    Anything else runs the value closure and keeps only `true`.
+    """
+    tag = node[0]
+    if tag in ("and", "or") and _is_boolean(node):
+        left, right = _compile_test(node[1]), _compile_test(node[2])
+        if tag == "or":
+            return lambda props, scope=_NO_SCOPE: left(props, scope) or right(props, scope)
+        first = node[1]
+        if (first[0] == "cmp" and first[1] == "==" and first[2][0] == "prop"
+                and first[2][1] == "properties" and first[2][2] != "$time"
+                and first[3][0] == "lit" and isinstance(first[3][1], str)):
+            name, constant = first[2][2], first[3][1]
+            return lambda props, scope=_NO_SCOPE: props.get(name) == constant and right(props, scope)
+        return lambda props, scope=_NO_SCOPE: left(props, scope) and right(props, scope)
+    if tag == "not" and _is_boolean(node[1]):
+        inner = _compile_test(node[1])
+        return lambda props, scope=_NO_SCOPE: not inner(props, scope)
+    value = _compile(node)
+    return lambda props, scope=_NO_SCOPE: value(props, scope) is True
+
+
+class _Expression:
+    """A compiled expression.
+
+    ``value(props, scope)`` gives its value (for `on`); ``matches(props,
+    scope)`` says whether a `where` keeps the row.  ``uses_user`` and
+    ``uses_behaviors`` say which it reads, so callers fetch only those.
+    Both raise `ExpressionError` for an `and`/`or` on a non-boolean.
+    """
+
+    __slots__ = ("text", "value", "matches", "uses_user", "uses_behaviors")
 
     def __init__(self, text: str, node: tuple):
         self.text = text
-        self.fn = _compile(node)
+        self.value = _with_scope(_compile(node))
+        self.matches = _compile_test(node)
         flat = repr(node)
         self.uses_user = "'prop', 'user'" in flat
         self.uses_behaviors = "'prop', 'behaviors'" in flat
 
-    def matches(self, props: dict, scope: _Scope = _NO_SCOPE) -> bool:
-        """`where`: true only for boolean true (undefined drops the row)."""
-        try:
-            return self.fn(props, scope) is True
-        except ExpressionError as exc:
-            raise ExpressionError(exc.message, self.text, None) from None
 
-    def value(self, props: dict, scope: _Scope = _NO_SCOPE) -> Any:
-        try:
-            return self.fn(props, scope)
-        except ExpressionError as exc:
-            raise ExpressionError(exc.message, self.text, None) from None
+def _with_scope(fn: Callable[[dict, _Scope], Any]) -> Callable[..., Any]:
+    return lambda props, scope=_NO_SCOPE: fn(props, scope)
 
 
 @functools.lru_cache(maxsize=256)
@@ -3961,6 +4001,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self) -> None:
         store = self.server.store
         started = time.perf_counter()
+        path, query = self.path, ""
         try:
             try:
                 body = self._read_body()
@@ -3983,6 +4024,9 @@ class _Handler(BaseHTTPRequestHandler):
                 response = handler(store, request)
         except ApiError as exc:
             response = _error_response(exc)
+        except ExpressionError as exc:  # found while running a query's expression
+            request = path + ("?" + query if query else "")
+            response = _json(400, {"request": request, "error": f"invalid expression: {exc}"})
         except Exception as exc:  # a bug in the fake: answer, record, re-raise in check()
             store.record_error(exc)
             _log.exception("mixpanel_fake internal error on %s %s", self.command, self.path)

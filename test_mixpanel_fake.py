@@ -1553,6 +1553,12 @@ class TestSegmentation(_QueryTestCase):
         self.assertEqual(body["data"], {"series": ["2026-11-10"],
                                         "values": {"5 - 10": {"2026-11-10": 1}, "20 - 25": {"2026-11-10": 1}}})
 
+    def test_runtime_expression_error_is_400(self):
+        status, body = _qj("segmentation", {"event": "Signed Up", "from_date": "2026-11-10", "to_date": "2026-11-10",
+                                            "where": 'properties["plan"] and true'})
+        self.assertEqual((status, body["error"]), (400, "invalid expression: 'and' needs true, false or undefined "
+                                                        "on each side, got a string"))
+
     def test_python_mirror(self):
         body = MP.segmentation(project=QT, event="Paid", from_date="2026-11-12", to_date="2026-11-12")
         self.assertEqual(body["data"]["values"], {"Paid": {"2026-11-12": 1}})
