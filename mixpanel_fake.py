@@ -2552,48 +2552,55 @@ class _Query:
     # --- the events a report counts -----------------------------------------
 
     def events(self, start: float, end: float, names: list[str] | None,
-               where: _Expression | None, dedup: bool = True) -> list[tuple[dict, str]]:
+               where: _Expression | None, ordered: bool = False) -> list[tuple[dict, Any]]:
         """``(event, canonical distinct_id)`` in [start, end), deduplicated as
-        reports are (the latest copy wins), filtered by ``where``."""
+        reports are (the latest copy wins), filtered by ``where``; in time
+        order when ``ordered``.  The hot loop of every report."""
         with self.store.lock:
-            events = self.state.events
+            events = self.state.events  # append-only: the first `count` stay put
             count = len(events)
-        wanted = None if names is None else set(names)
-        resolve = self.state.identity.resolve
         picked: dict[Any, dict] = {}
-        order = 0
-        for position in range(count):
-            event = events[position]
-            if wanted is not None and event["event"] not in wanted:
-                continue
-            props = event["properties"]
-            ts = props.get("time")
-            if not isinstance(ts, _NUMBER_TYPES) or not start <= ts < end:
-                continue
-            if dedup:
-                key = (event["event"], _id_text(props.get("distinct_id")), ts, props.get("$insert_id"))
-            else:
-                key = order
-                order += 1
-            picked[key] = event
-        rows = []
+        if names is not None and len(names) == 1:
+            only = names[0]
+            for event in itertools.islice(events, count):
+                if event["event"] != only:
+                    continue
+                props = event["properties"]
+                ts = props["time"]
+                if start <= ts < end:
+                    picked[(props.get("distinct_id"), ts, props.get("$insert_id"))] = event
+        else:
+            wanted = None if names is None else frozenset(names)
+            for event in itertools.islice(events, count):
+                name = event["event"]
+                if wanted is not None and name not in wanted:
+                    continue
+                props = event["properties"]
+                ts = props["time"]
+                if start <= ts < end:
+                    picked[(name, props.get("distinct_id"), ts, props.get("$insert_id"))] = event
+        canonical = self.state.identity.canonical.get
         scope = _Scope() if where is not None and (where.uses_user or where.uses_behaviors) else None
         profiles = self.state.profiles
+        rows = []
         for event in picked.values():
             props = event["properties"]
-            distinct_id = _id_text(props.get("distinct_id"))
-            person = resolve(distinct_id) if distinct_id is not None else None
+            person = props.get("distinct_id")
+            if person is not None:
+                if type(person) is not str:
+                    person = _id_text(person)
+                person = canonical(person, person)
             if where is not None:
                 if scope is not None:
                     scope.event = event["event"]
                     scope.user = profiles.get(person) if person is not None else None
-                    if where.matches(props, scope):
-                        rows.append((event, person))
-                    continue
-                if not where.matches(props):
+                    if not where.matches(props, scope):
+                        continue
+                elif not where.matches(props):
                     continue
             rows.append((event, person))
-        rows.sort(key=_event_time)
+        if ordered:
+            rows.sort(key=_event_time)
         return rows
 
 
@@ -2859,7 +2866,10 @@ def _engage_results(q: _Query) -> list[dict]:
     if outputs is not None and (not isinstance(outputs, list) or
                                 not all(isinstance(v, str) for v in outputs)):
         raise q.error(400, "output_properties must be a JSON array of property names")
+    if q.params.get("behaviors") and q.params.get("filter_by_cohort"):
+        raise q.error(400, "behaviors and filter_by_cohort cannot be used together")
     members = _cohort_members(q)
+    behaviors = _engage_behaviors(q)
     group_key = q.text("data_group_id")
     with q.store.lock:
         if group_key is not None:
@@ -2876,8 +2886,15 @@ def _engage_results(q: _Query) -> list[dict]:
     for distinct_id, props in candidates:
         if members is not None and distinct_id not in members:
             continue
-        if where is not None and not where.matches(props):
-            continue
+        if where is not None:
+            if behaviors is None:
+                if not where.matches(props):
+                    continue
+            else:
+                person = q.state.identity.resolve(distinct_id)
+                scope = _Scope(behaviors={name: counts.get(person, 0) for name, counts in behaviors.items()})
+                if not where.matches(props, scope):
+                    continue
         shown = props if outputs is None else {k: props[k] for k in outputs if k in props}
         key = "$group_id" if group_key is not None else "$distinct_id"
         results.append({key: distinct_id, "$properties": shown})
@@ -2887,6 +2904,44 @@ def _engage_results(q: _Query) -> list[dict]:
         for distinct_id in sorted(members - known - set(table)):
             results.append({"$distinct_id": distinct_id, "$properties": {}})
     return results
+
+
+_WINDOW_RE = re.compile(r"^(\d{1,4})([dw]?)$")
+
+
+def _engage_behaviors(q: _Query) -> dict[str, dict[Any, int]] | None:
+    """`behaviors=[{"name","window","event_selectors":[{"event","selector"?}]}]`:
+    for each, how many matching events each person did in the window (days
+    `"30d"` or weeks `"4w"`) before `as_of_timestamp` (default: now)."""
+    spec = q.json_value("behaviors")
+    if spec is None:
+        return None
+    if not isinstance(spec, list):
+        raise q.error(400, "behaviors must be a JSON array")
+    as_of = q.integer("as_of_timestamp", int(q.now), low=0)
+    counts: dict[str, dict[Any, int]] = {}
+    for behavior in spec:
+        window = _WINDOW_RE.match(str(behavior.get("window", "")) if isinstance(behavior, dict) else "")
+        selectors = behavior.get("event_selectors") if isinstance(behavior, dict) else None
+        if (window is None or not isinstance(behavior.get("name"), str) or not isinstance(selectors, list)
+                or not all(isinstance(s, dict) and isinstance(s.get("event"), str) for s in selectors)):
+            raise q.error(400, 'each behavior needs {"name", "window": "30d", '
+                               '"event_selectors": [{"event", "selector"?}]}')
+        days = int(window.group(1)) * (7 if window.group(2) == "w" else 1)
+        tests = []
+        for selector in selectors:
+            text = selector.get("selector")
+            try:
+                tests.append((selector["event"], _compile_expression(text) if text else None))
+            except ExpressionError as exc:
+                raise q.error(400, f"invalid selector: {exc}") from None
+        per_person = counts[behavior["name"]] = {}
+        rows = q.events(as_of - days * 86400, as_of + 1, [name for name, _ in tests], None)
+        for event, person in rows:
+            if person is not None and any(event["event"] == name and (test is None or test.matches(
+                    event["properties"])) for name, test in tests):
+                per_person[person] = per_person.get(person, 0) + 1
+    return counts
 
 
 def _group_key_id(group_key: str) -> int:
@@ -3205,7 +3260,7 @@ def _funnels(store: Store, req: _Request) -> _Response:
     names = [step["event"] for step in funnel["steps"]]
     step_filters = [_compile_expression(s["where"]) if s.get("where") else None for s in funnel["steps"]]
     funnel_where = _compile_expression(funnel["where"]) if funnel.get("where") else None
-    rows = q.events(start, end + window, list(set(names)), where)
+    rows = q.events(start, end + window, list(set(names)), where, ordered=True)
     by_person: dict[Any, list[dict]] = {}
     for event, person in rows:
         if person is None:
@@ -3343,13 +3398,14 @@ def _retention(store: Store, req: _Request) -> _Response:
     length = interval * {"day": 86400, "week": 7 * 86400, "month": 30 * 86400}[unit]
     horizon = end + length * (intervals + 1)
     returns: dict[Any, list[float]] = {}
-    for event, person in q.events(start, horizon, None if event_name is None else [event_name], where):
+    for event, person in q.events(start, horizon, None if event_name is None else [event_name], where,
+                                  ordered=True):
         if person is not None:
             returns.setdefault(person, []).append(event["properties"]["time"])
     born: dict[Any, float] = {}
     if kind == "birth":
         # First time ever: the born event's earliest time, if in the range.
-        for event, person in q.events(0, horizon, [born_name], born_where):
+        for event, person in q.events(0, horizon, [born_name], born_where, ordered=True):
             if person is not None and person not in born:
                 born[person] = event["properties"]["time"]
         born = {p: t for p, t in born.items() if start <= t < end}

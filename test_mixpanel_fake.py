@@ -1680,6 +1680,17 @@ class TestEngageQuery(_QueryTestCase):
         body = _qj("engage", {"data_group_id": "company"})[1]
         self.assertEqual(body["results"], [{"$group_id": "acme", "$properties": {"size": 5}}])
 
+    def test_behaviors(self):
+        behaviors = json.dumps([{"name": "payer", "window": "7d", "event_selectors": [{"event": "Paid"}]},
+                                {"name": "big", "window": "1w", "event_selectors": [
+                                    {"event": "Signed Up", "selector": 'properties["amount"] > 10'}]}])
+        body = _qj("engage", {"behaviors": behaviors, "where": 'behaviors["payer"] > 1'})[1]
+        self.assertEqual([r["$distinct_id"] for r in body["results"]], ["u1"])
+        body = _qj("engage", {"behaviors": behaviors, "where": 'behaviors["big"] > 0 or behaviors["payer"] == 1'})[1]
+        self.assertEqual([r["$distinct_id"] for r in body["results"]], ["u1", "u3"])
+        status, body = _qj("engage", {"behaviors": behaviors, "filter_by_cohort": '{"id": 1}'})
+        self.assertEqual((status, body["error"]), (400, "behaviors and filter_by_cohort cannot be used together"))
+
     def test_selector_is_where(self):
         body = _qj("engage", {"selector": '(("pro" == properties["plan"]) and (defined (properties["age"])))'})[1]
         self.assertEqual(body["total"], 2)
