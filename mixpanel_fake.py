@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import collections
 import datetime
 import functools
 import hashlib
@@ -129,6 +130,16 @@ _IDENTITY_EVENTS = frozenset(("$identify", "$create_alias", "$merge"))
 _SIMPLIFIED_IDENTITY_ERROR = ("identity events are not allowed when project is using "
                               "simplified identity management")
 
+# The toolkit (README "Test toolkit").
+_JOURNAL_SIZE = 1000                   # requests kept in the journal by default
+_JOURNAL_BODY = 2000                   # characters of a response body kept per entry
+_SNAPSHOT_FORMAT = "mixpanel_fake/1"
+_SECRET_PARAMS = frozenset(("api_key", "api_secret", "secret", "sig", "password"))
+# Rate limits, off unless configured: name -> (what is counted, window in s).
+_RATE_LIMITS = {"events_per_minute": ("events", 60), "queries_per_hour": ("queries", 3600),
+                "exports_per_second": ("exports", 1), "exports_per_hour": ("exports_hour", 3600),
+                "concurrent_queries": ("concurrent", None)}
+
 # The 1x1 transparent GIF that `img=1` answers with (pixel tracking).
 _PIXEL_GIF = (
     b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00\x00\x00"
@@ -222,6 +233,65 @@ def _derive_project_id(token: str) -> int:
     return 1000000 + int.from_bytes(digest[:4], "big") % 9000000
 
 
+# --- tracking plans (a toolkit feature; Mixpanel's Lexicon is not emulated) ----
+
+_PLAN_TYPES = {"string": (str,), "number": (int, float), "boolean": (bool,), "list": (list,),
+               "object": (dict,), "any": (object,)}
+
+
+def _check_plan(plan: Any) -> dict | None:
+    """A tracking plan such as {"events": {"Signed Up": {"required": {"plan":
+    "string"}, "optional": {...}, "additional_properties": true}},
+    "additional_events": false}; ValueError names what is wrong."""
+    if plan is None:
+        return None
+    if not isinstance(plan, dict) or not isinstance(plan.get("events"), dict):
+        raise ValueError('a tracking plan is {"events": {name: {"required": {...}, "optional": {...}}}}')
+    unknown = set(plan) - {"events", "additional_events"}
+    if unknown:
+        raise ValueError(f"unknown tracking plan keys: {', '.join(sorted(unknown))}")
+    for name, spec in plan["events"].items():
+        if not isinstance(spec, dict) or set(spec) - {"required", "optional", "additional_properties"}:
+            raise ValueError(f"tracking plan event {name!r}: keys are required, optional, "
+                             "additional_properties")
+        for part in ("required", "optional"):
+            types = spec.get(part, {})
+            if not isinstance(types, dict) or any(t not in _PLAN_TYPES for t in types.values()):
+                raise ValueError(f"tracking plan event {name!r}: {part} maps property names to one of "
+                                 f"{', '.join(_PLAN_TYPES)}")
+    return plan
+
+
+def _plan_violations(plan: dict, name: str, props: dict) -> list[str]:
+    """What an event does that its tracking plan does not allow."""
+    spec = plan["events"].get(name)
+    if spec is None:
+        if plan.get("additional_events", True) is False:
+            return [f"event {name!r} is not in the tracking plan"]
+        return []
+    problems = []
+    required, optional = spec.get("required", {}), spec.get("optional", {})
+    for prop, kind in list(required.items()) + list(optional.items()):
+        if prop not in props:
+            if prop in required:
+                problems.append(f"missing required property {prop!r} ({kind})")
+            continue
+        value = props[prop]
+        types = _PLAN_TYPES[kind]
+        if not isinstance(value, types) or (kind == "number" and isinstance(value, bool)):
+            problems.append(f"property {prop!r} should be {kind}, got {_kind(value)}")
+    if spec.get("additional_properties", True) is False:
+        for prop in props:
+            if prop not in required and prop not in optional and not _is_default_property(prop):
+                problems.append(f"property {prop!r} is not in the tracking plan")
+    return problems
+
+
+def _is_default_property(name: str) -> bool:
+    """Mixpanel's and the SDKs' own properties, which plans do not list."""
+    return name.startswith(("$", "mp_")) or name in ("token", "time", "distinct_id")
+
+
 class Project:
     """A Mixpanel project: its token, id, secret and service accounts.
 
@@ -232,7 +302,8 @@ class Project:
 
     def __init__(self, token: str, project_id: int | str | None = None,
                  api_secret: str | None = None, service_accounts: Any = None,
-                 timezone: str = "UTC", id_merge: str = "simplified"):
+                 timezone: str = "UTC", id_merge: str = "simplified",
+                 tracking_plan: dict | None = None, plan_enforce: bool = False):
         if not isinstance(token, str) or not token:
             raise ValueError("a project needs a non-empty string token")
         if id_merge not in ("simplified", "original"):
@@ -245,11 +316,20 @@ class Project:
         self.service_accounts = dict(service_accounts or {})
         self.timezone = timezone
         self.id_merge = id_merge
+        self.tracking_plan = _check_plan(tracking_plan)
+        self.plan_enforce = bool(plan_enforce)
 
     def __repr__(self) -> str:
         # Never show the secret or service-account secrets.
         return (f"Project(token={self.token!r}, project_id={self.project_id!r}, "
                 f"timezone={self.timezone!r}, id_merge={self.id_merge!r})")
+
+    def settings(self) -> dict[str, Any]:
+        """Everything that makes this project, secrets included (snapshots)."""
+        return {"token": self.token, "project_id": self.project_id, "api_secret": self.api_secret,
+                "service_accounts": dict(self.service_accounts), "timezone": self.timezone,
+                "id_merge": self.id_merge, "tracking_plan": self.tracking_plan,
+                "plan_enforce": self.plan_enforce}
 
     def describe(self) -> dict[str, Any]:
         """What the inspection API shows of a project: no secrets."""
@@ -349,7 +429,9 @@ class Store:
     """
 
     def __init__(self, projects: list[Project] | None = None,
-                 clock: Callable[[], float] | None = None):
+                 clock: Callable[[], float] | None = None, strict_auth: bool = False,
+                 journal_size: int = _JOURNAL_SIZE, max_events: int | None = None,
+                 rate_limits: dict | None = None):
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
         self.projects: dict[str, Project] = {}
@@ -360,6 +442,19 @@ class Store:
         self._next_id = 1
         # Bumped on every change, so waiters can tell a change from a timeout.
         self.version = 0
+        # Strict auth: only configured projects and credentials (README).
+        self.strict_auth = strict_auth
+        # The request journal: a bounded ring of what came in and went out.
+        self.journal: collections.deque = collections.deque(maxlen=max(journal_size, 1))
+        self.journal_seq = 0
+        self.faults: list[dict] = []
+        self.max_events = max_events
+        self.dropped = 0  # events dropped to honour max_events
+        self.rate_limits = _check_rate_limits(rate_limits or {})
+        self._rate_windows: dict[tuple, collections.deque] = {}
+        self._running: dict[str, int] = {}
+        self.seed: dict | None = None  # the state reset() returns to
+        self.log_sink: Callable[[str], None] | None = None
         for project in projects or ():
             self.add_project(project)
 
@@ -401,17 +496,17 @@ class Store:
         is taken as a token (relaxed mode creates its project on first use).
         """
         with self.lock:
-            if username in self.projects:
+            if username in self.projects and (not self.strict_auth or not password):
                 return username
             for project in self.projects.values():
-                if project.api_secret == username:
+                if project.api_secret == username and (not self.strict_auth or not password):
                     return project.token
             if project_id is not None:
                 for project in self.projects.values():
                     if (str(project.project_id) == project_id
                             and project.service_accounts.get(username) == password):
                         return project.token
-        if username and not password:
+        if username and not password and not self.strict_auth:
             return username
         return None
 
@@ -443,8 +538,21 @@ class Store:
                 state.events.append(event)
                 state.event_ids.append(self._next_id)
                 self._next_id += 1
+                if self.max_events is not None and len(state.events) > self.max_events:
+                    self._trim_locked(state)
             self._reject_locked(rejected)
             self._changed_locked()
+        if self.log_sink is not None:
+            _log_records(self.log_sink, accepted, rejected)
+
+    def _trim_locked(self, state: _ProjectState) -> None:
+        """Drop the oldest events, down to 90% of max_events, in new lists
+        (readers iterating the old ones are not disturbed)."""
+        keep = int(self.max_events * 0.9)
+        drop = len(state.events) - keep
+        state.events = state.events[drop:]
+        state.event_ids = state.event_ids[drop:]
+        self.dropped += drop
 
     def _changed_locked(self) -> None:
         self.version += 1
@@ -495,14 +603,129 @@ class Store:
             self._changed_locked()
         return applied
 
-    def reset(self, project: str | None = None) -> None:
-        """Drop the state of one project, or of all; the projects stay known."""
+    def reset(self, project: str | None = None, empty: bool = False) -> None:
+        """Back to the seed state (the loaded state file), or to nothing with
+        ``empty``; of one project or of all.  The projects stay known, the
+        journal stays, faults go.  Old state is freed off the caller's path."""
+        seed = None if empty or self.seed is None else _states_from_snapshot(self.seed)
         with self.lock:
+            old = self.states
             if project is None:
-                self.states = {token: _ProjectState() for token in self.projects}
+                fresh = {token: _ProjectState() for token in self.projects}
+                if seed:
+                    fresh.update(seed)
+                self.states = fresh
+                self.faults = []
             else:
-                self.states[project] = _ProjectState()
+                self.states = dict(old)
+                self.states[project] = (seed or {}).get(project) or _ProjectState()
+                self.faults = [f for f in self.faults if f["project"] not in (None, project)]
             self._changed_locked()
+        _discard(old)
+
+    # --- snapshots ------------------------------------------------------------
+
+    def snapshot(self, project: str | None = None) -> dict:
+        """The state of one project, or of all, as JSON-ready data."""
+        with self.lock:
+            tokens = [t for t in self.projects if project is None or t == project]
+            projects = [self.projects[t] for t in tokens]
+            states = {t: _state_refs(self.states.get(t) or _ProjectState()) for t in tokens}
+        return {"format": _SNAPSHOT_FORMAT, "taken_at": self.now(),
+                "projects": [p.settings() for p in projects],
+                "states": {t: _state_to_data(refs) for t, refs in states.items()}}
+
+    def restore(self, snapshot: dict) -> None:
+        """Put a snapshot's projects and state back (others are untouched)."""
+        if not isinstance(snapshot, dict) or snapshot.get("format") != _SNAPSHOT_FORMAT:
+            raise ValueError(f"not a mixpanel_fake snapshot (format {_SNAPSHOT_FORMAT!r})")
+        projects = [Project(**settings) for settings in snapshot["projects"]]
+        states = _states_from_snapshot(snapshot)
+        with self.lock:
+            old = self.states
+            self.states = dict(old)
+            for project in projects:
+                self.projects[project.token] = project
+                self.states[project.token] = states.get(project.token) or _ProjectState()
+            self._changed_locked()
+
+    # --- journal, faults and rate limits --------------------------------------
+
+    def log_request(self, entry: dict) -> None:
+        with self.lock:
+            self.journal_seq += 1
+            entry["seq"] = self.journal_seq
+            self.journal.append(entry)
+            self._changed_locked()
+
+    def add_fault(self, fault: dict) -> int:
+        with self.lock:
+            fault["id"] = self.new_id()
+            self.faults.append(fault)
+        return fault["id"]
+
+    def take_fault(self, path: str, token: str | None) -> dict | None:
+        """The first fault that fires for this request, consumed (lock held
+        briefly; the fault's delay and effects happen after)."""
+        if not self.faults:
+            return None
+        now = time.monotonic()
+        with self.lock:
+            for fault in list(self.faults):
+                if fault["expires_at"] is not None and now >= fault["expires_at"]:
+                    self.faults.remove(fault)
+                    continue
+                if fault["path"] not in ("*", path):
+                    continue
+                if fault["project"] is not None and fault["project"] != token:
+                    continue
+                if fault["probability"] < 1 and fault["rng"].random() >= fault["probability"]:
+                    continue
+                fault["fired"] += 1
+                if fault["times"] is not None:
+                    fault["times"] -= 1
+                    if fault["times"] <= 0:
+                        self.faults.remove(fault)
+                return dict(fault)
+        return None
+
+    def rate_check(self, token: str, kind: str, cost: int = 1) -> tuple[int, int, float] | None:
+        """Count ``cost`` against a project's limit of ``kind``; when that
+        would pass it, (used, limit, seconds until room) and nothing counted."""
+        limit_window = self.rate_limits.get(kind)
+        if limit_window is None:
+            return None
+        limit, window = limit_window
+        now = time.monotonic()
+        with self.lock:
+            stamps = self._rate_windows.setdefault((token, kind), collections.deque())
+            while stamps and stamps[0][0] <= now - window:
+                stamps.popleft()
+            used = sum(n for _, n in stamps)
+            if used + cost > limit:
+                wait = stamps[0][0] + window - now if stamps else window
+                return used, limit, max(wait, 0.001)
+            stamps.append((now, cost))
+        return None
+
+    def running(self, token: str, change: int) -> int:
+        """Queries now running for a project, after adding ``change``."""
+        with self.lock:
+            count = self._running.get(token, 0) + change
+            self._running[token] = count
+            return count
+
+    def stats(self) -> dict:
+        with self.lock:
+            states = list(self.states.items())
+            return {"projects": len(self.projects),
+                    "events": sum(len(s.events) for _, s in states),
+                    "profiles": sum(len(s.profiles) for _, s in states),
+                    "groups": sum(len(s.groups) for _, s in states),
+                    "rejected": sum(len(s.rejected) for _, s in states),
+                    "dropped_events": self.dropped, "max_events": self.max_events,
+                    "requests_journaled": self.journal_seq, "journal_size": self.journal.maxlen,
+                    "faults": len(self.faults), "strict_auth": self.strict_auth}
 
     def clear_events(self, project: str | None = None) -> None:
         with self.lock:
@@ -560,6 +783,87 @@ class Store:
         if len(parts) > 1:
             rows.sort(key=_by_seq)
         return rows
+
+
+def _check_rate_limits(limits: dict) -> dict[str, tuple[int, float | None]]:
+    """{"queries_per_hour": 60, ...} as {kind: (limit, window)}."""
+    checked = {}
+    for name, limit in limits.items():
+        if name not in _RATE_LIMITS:
+            raise ValueError(f"unknown rate limit {name!r}; known: {', '.join(_RATE_LIMITS)}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"rate limit {name} must be a whole number, 1 or more")
+        kind, window = _RATE_LIMITS[name]
+        checked[kind] = (limit, window)
+    return checked
+
+
+def _state_refs(state: _ProjectState) -> dict:
+    """What a snapshot needs, copied shallowly under the lock: events and
+    profiles are never changed in place, so references are enough."""
+    identity = state.identity
+    return {"events": list(state.events), "event_ids": list(state.event_ids),
+            "profiles": dict(state.profiles), "groups": dict(state.groups),
+            "rejected": list(state.rejected),
+            "identity": {"canonical": dict(identity.canonical),
+                         "members": {k: list(v) for k, v in identity.members.items()},
+                         "device_owner": dict(identity.device_owner),
+                         "identified": dict(identity.identified), "aliases": dict(identity.aliases)},
+            "funnels": dict(state.funnels), "cohorts": dict(state.cohorts),
+            "annotations": dict(state.annotations), "insights": dict(state.insights)}
+
+
+def _state_to_data(refs: dict) -> dict:
+    """JSON-ready: group keys as lists, numeric ids as text."""
+    data = dict(refs)
+    data["groups"] = [[key[0], key[1], props] for key, props in refs["groups"].items()]
+    for table in ("funnels", "annotations", "insights"):
+        data[table] = {str(k): v for k, v in refs[table].items()}
+    return data
+
+
+def _states_from_snapshot(snapshot: dict) -> dict[str, _ProjectState]:
+    """Fresh project states from snapshot data (copies: the snapshot stays reusable)."""
+    states = {}
+    for token, data in snapshot.get("states", {}).items():
+        state = _ProjectState()
+        state.events = _copy(data.get("events", []))
+        state.event_ids = list(data.get("event_ids") or range(len(state.events)))
+        state.profiles = _copy(data.get("profiles", {}))
+        state.groups = {(key, group_id): _copy(props) for key, group_id, props in data.get("groups", [])}
+        state.rejected = _copy(data.get("rejected", []))
+        identity = data.get("identity") or {}
+        state.identity.canonical = dict(identity.get("canonical", {}))
+        state.identity.members = {k: list(v) for k, v in identity.get("members", {}).items()}
+        state.identity.device_owner = dict(identity.get("device_owner", {}))
+        state.identity.identified = dict(identity.get("identified", {}))
+        state.identity.aliases = dict(identity.get("aliases", {}))
+        state.funnels = {int(k): _copy(v) for k, v in data.get("funnels", {}).items()}
+        state.cohorts = {str(k): _copy(v) for k, v in data.get("cohorts", {}).items()}
+        state.annotations = {int(k): _copy(v) for k, v in data.get("annotations", {}).items()}
+        state.insights = {int(k): _copy(v) for k, v in data.get("insights", {}).items()}
+        states[token] = state
+    return states
+
+
+def _discard(old: Any) -> None:
+    """Free big state on a thread of its own, so reset() returns at once."""
+    threading.Thread(target=_drop, args=(old,), name="mixpanel-fake:free", daemon=True).start()
+
+
+def _drop(old: Any) -> None:
+    del old
+
+
+def _log_records(sink: Callable[[str], None], accepted: list, rejected: list) -> None:
+    """--log-events: one JSON line per accepted or refused record."""
+    for token, event in accepted:
+        sink(_dumps({"accepted": True, "project": token, "event": event["event"],
+                     "properties": event["properties"]}).decode("utf-8", "replace"))
+    for record in rejected:
+        sink(_dumps({"accepted": False, "project": record["project"], "endpoint": record["endpoint"],
+                     "index": record["index"], "reason": record["reason"],
+                     "record": record["record"]}).decode("utf-8", "replace"))
 
 
 def _first(row: tuple) -> Any:
@@ -821,13 +1125,14 @@ def _looks_json(body: bytes, content_type: str) -> bool:
 class _Request:
     """One decoded HTTP request, as handlers see it."""
 
-    __slots__ = ("method", "path", "query", "headers", "body", "raw", "is_json", "client")
+    __slots__ = ("method", "path", "query", "headers", "body", "raw", "is_json", "client", "records")
 
     def __init__(self, method: str, path: str, query: str, headers: Any,
                  body: bytes, client: str = ""):
         self.method = method
         self.path = path
         self.query = query
+        self.records: list | None = None  # what the handler decoded, for the journal
         self.headers = headers
         self.body = body
         self.client = client
@@ -1010,7 +1315,7 @@ def _credential_token(store: Store, req: _Request) -> str | None:
     auth = req.basic_auth()
     if auth is not None:
         return store.project_by_credentials(auth[0], auth[1], project_id)
-    if project_id:
+    if project_id and not store.strict_auth:
         return store.project_by_id(project_id)
     return None
 
@@ -1806,7 +2111,8 @@ class _Batch:
 
 
 class _Ignored(Exception):
-    """The event carries `$ignore`: Mixpanel drops it without an error."""
+    """A record Mixpanel drops without an error (`$ignore`; an unknown token
+    under strict auth); the message says why."""
 
 
 def _invalid(field: str, problem: str) -> _Reject:
@@ -1939,8 +2245,9 @@ def _normalize_event(record: Any, batch: _Batch) -> tuple[str, dict]:
     token = props.get("token") or batch.fallback
     if not isinstance(token, str) or not token:
         raise _Reject("properties.token", "token, missing or empty")
+    _check_token(token, batch.store, batch.fallback if batch.endpoint == "/import" else None)
     if props.get("$ignore") not in (None, False):
-        raise _Ignored()  # D-bot: events with $ignore are dropped at ingestion
+        raise _Ignored("$ignore is set: Mixpanel drops the event")  # D-bot, D-reserved
     if batch.sized and len(_dumps(record)) >= _MAX_EVENT_BYTES:
         raise _Reject(None, "event is invalid: must be smaller than 1MB of uncompressed JSON")
     if len(props) >= _MAX_PROPERTIES:
@@ -1980,6 +2287,19 @@ def _normalize_event(record: Any, batch: _Batch) -> tuple[str, dict]:
     if batch.endpoint == "/import":
         props["$import"] = True
     return token, {"event": name, "properties": props}
+
+
+def _check_token(token: str, store: Store, authenticated: str | None) -> None:
+    """Strict auth: a token that names no configured project is dropped, as
+    Mixpanel drops it while answering `1` (mixpanel-node #59); on /import a
+    record must belong to the project its credentials name."""
+    if not store.strict_auth:
+        return
+    if token not in store.projects:
+        raise _Ignored("unknown project token: with strict auth it is dropped, and the client "
+                       "is answered as Mixpanel answers it")
+    if authenticated is not None and token != authenticated:
+        raise _Reject("properties.token", "token names another project than the request's credentials")
 
 
 def _normalize_event_time(props: dict, batch: _Batch) -> None:
@@ -2056,8 +2376,8 @@ def _id_text(value: Any) -> str | None:
     return None
 
 
-def _normalize_update(record: Any, kind: str, fallback_token: str | None,
-                      now: float, index: int, sized: bool = False) -> _Update:
+def _normalize_update(record: Any, kind: str, fallback_token: str | None, now: float,
+                      index: int, sized: bool, store: Store) -> _Update:
     """One /engage or /groups update, checked, or `_Reject` saying why not.
 
     Ids follow the rules of event strings (UTF-8, cut at 255), so a profile
@@ -2069,6 +2389,7 @@ def _normalize_update(record: Any, kind: str, fallback_token: str | None,
     token = record.get("$token") or fallback_token
     if not isinstance(token, str) or not token:
         raise _Reject("$token", prefix + "$token, missing or empty")
+    _check_token(token, store, None)
     ops = []
     try:
         if sized and len(_dumps(record)) >= _MAX_EVENT_BYTES:
@@ -2140,18 +2461,19 @@ def _check_op(op: str, value: Any, prefix: str) -> Any:
     return _check_properties(value, op + ".", _PROFILE_LIMITS)
 
 
-def _rejection(endpoint: str, token: str | None, index: int, record: Any,
-               reject: _Reject, now: float, dropped: bool = False) -> dict:
+def _rejection(endpoint: str, token: str | None, index: int | None, record: Any,
+               reject: _Reject, now: float, dropped: bool = False, stored: bool = False) -> dict:
     """A refused record with its reason; `seq` is given under the lock.
 
-    ``dropped`` marks records Mixpanel drops without an error (`$ignore`).
+    ``dropped`` marks records Mixpanel drops without an error (`$ignore`);
+    ``stored`` a tracking-plan violation whose event was stored all the same.
     """
     insert_id = None
     if isinstance(record, dict) and isinstance(record.get("properties"), dict):
         insert_id = record["properties"].get("$insert_id")
     return {"seq": 0, "project": token, "endpoint": endpoint, "index": index,
             "field": reject.field, "reason": reject.message, "insert_id": insert_id,
-            "dropped": dropped, "record": record, "time": now}
+            "dropped": dropped, "stored": stored, "record": record, "time": now}
 
 
 def _record_token(record: Any, kind: str) -> str | None:
@@ -2237,23 +2559,35 @@ def _ingest_events(store: Store, req: _Request, endpoint: str) -> _Response:
         _refuse_request(store, req, endpoint, "the request holds no records")
         return _import_failure(400, "the request holds no records")  # OAS: minItems 1
     batch = _Batch(store, req, endpoint, strict)
+    if store.strict_auth and endpoint == "/import" and batch.fallback is None:
+        # Strict auth: /import needs a configured project's credentials.
+        _refuse_request(store, req, endpoint, "Invalid credentials")
+        return _import_failure(401, "Invalid credentials")
+    req.records = records
+    limited = _rate_limited(store, batch.fallback or _record_token(records[0] if records else None, "events"),
+                            "events", len(records))
+    if limited is not None:
+        message = "Project exceeded rate limits. Please retry the request with exponential backoff."
+        answer = _import_failure(429, message) if json_answer else _ingest_answer(req, False, message, 429)
+        answer.headers["Retry-After"] = limited
+        return answer
     accepted: list[tuple[str, dict]] = []
     accepted_at: list[int] = []
     rejected: list[dict] = []
     ignored = 0
     for index, record in enumerate(records):
         try:
-            accepted.append(_normalize_event(record, batch))
-            accepted_at.append(index)
+            token, event = _normalize_event(record, batch)
+            if _plan_check(store, token, event, endpoint, index, record, batch.now, rejected):
+                accepted.append((token, event))
+                accepted_at.append(index)
         except _Reject as reject:
             token = _record_token(record, "events") or batch.fallback
             rejected.append(_rejection(endpoint, token, index, record, reject, batch.now))
-        except _Ignored:
+        except _Ignored as drop:
             ignored += 1
             rejected.append(_rejection(endpoint, _record_token(record, "events") or batch.fallback,
-                                       index, record, _Reject("properties.$ignore", "$ignore is set: "
-                                                              "Mixpanel drops the event"),
-                                       batch.now, dropped=True))
+                                       index, record, _Reject(None, str(drop)), batch.now, dropped=True))
     if strict and _has_simplified_identity_event(store, accepted):
         # AK's probes: a strict /import holding $identify, $create_alias or
         # $merge for a Simplified project is refused whole, strings for records.
@@ -2266,13 +2600,38 @@ def _ingest_events(store: Store, req: _Request, endpoint: str) -> _Response:
                            "status": "Bad Request"})
     store.add_events(accepted, rejected)
     landed = len(accepted) + ignored
-    failed = [r for r in rejected if not r["dropped"]]
+    failed = [r for r in rejected if not r["dropped"] and not r["stored"]]
     if strict:
         return _import_answer(landed, failed)
     if endpoint == "/import" and dialect == "json":
         return _import_answer(landed, [])
     error = failed[0]["reason"] if failed else "no records in the request"
     return _ingest_answer(req, landed > 0, None if landed else error)
+
+
+def _rate_limited(store: Store, token: str | None, kind: str, cost: int) -> str | None:
+    """The Retry-After (seconds, as text) when a rate limit refuses this."""
+    if token is None or not store.rate_limits:
+        return None
+    over = store.rate_check(token, kind, cost)
+    return None if over is None else str(max(1, math.ceil(over[2])))
+
+
+def _plan_check(store: Store, token: str, event: dict, endpoint: str, index: int,
+                record: Any, now: float, rejected: list[dict]) -> bool:
+    """Hold an event against its project's tracking plan.  A violation is
+    kept among the refusals; the event is stored anyway (the client is told
+    nothing) unless the plan is enforced.  Returns whether to store it."""
+    project = store.projects.get(token)
+    if project is None or project.tracking_plan is None:
+        return True
+    problems = _plan_violations(project.tracking_plan, event["event"], event["properties"])
+    if not problems:
+        return True
+    reason = "tracking plan: " + "; ".join(problems)
+    rejected.append(_rejection(endpoint, token, index, record, _Reject("tracking_plan", reason), now,
+                               stored=not project.plan_enforce))
+    return not project.plan_enforce
 
 
 def _has_simplified_identity_event(store: Store, accepted: list[tuple[str, dict]]) -> bool:
@@ -2322,17 +2681,23 @@ def _ingest_profiles(store: Store, req: _Request, kind: str, endpoint: str) -> _
         return _ingest_answer(req, False, _too_many(len(records)), status=413)
     fallback = _credential_token(store, req)
     sized = len(req.body) + len(req.raw.get("data") or "") >= _MAX_EVENT_BYTES
+    req.records = records
     updates = []
     rejected: list[dict] = []
+    dropped = 0
     for index, record in enumerate(records):
         try:
-            updates.append(_normalize_update(record, kind, fallback, now, index, sized))
+            updates.append(_normalize_update(record, kind, fallback, now, index, sized, store))
         except _Reject as reject:
             token = _record_token(record, kind) or fallback
             rejected.append(_rejection(endpoint, token, index, record, reject, now))
-    applied = store.apply_profile_updates(kind, updates, rejected, endpoint, now)
-    rejected.sort(key=_by_index)
-    error = rejected[0]["reason"] if rejected else "no records in the request"
+        except _Ignored as drop:
+            dropped += 1
+            rejected.append(_rejection(endpoint, _record_token(record, kind) or fallback, index, record,
+                                       _Reject(None, str(drop)), now, dropped=True))
+    applied = store.apply_profile_updates(kind, updates, rejected, endpoint, now) + dropped
+    failed = sorted((r for r in rejected if not r["dropped"]), key=_by_index)
+    error = failed[0]["reason"] if failed else "no records in the request"
     return _ingest_answer(req, applied > 0, None if applied else error)
 
 
@@ -2419,6 +2784,10 @@ class _Query:
                 raise self.error(401, "Unauthorized, invalid project secret. See docs for more "
                                       "information: https://developer.mixpanel.com/reference/"
                                       "authentication#project-secret")
+        elif store.strict_auth:
+            raise self.error(401, "Unauthorized, invalid project secret. See docs for more "
+                                  "information: https://developer.mixpanel.com/reference/"
+                                  "authentication#project-secret")
         elif project_id:
             token = store.project_by_id(str(project_id))
             if token is None:
@@ -3653,9 +4022,22 @@ def _register_insight(store: Store, token: str | None, name: str, event: str, un
 # =============================================================================
 
 
-def _scope(req: _Request) -> str | None:
-    """The `?project=TOKEN` that scopes an inspection call, if given."""
-    return req.param("project") or None
+def _scope(store: Store, req: _Request) -> str | None:
+    """The project an inspection call is about: `?project=TOKEN`, if given.
+
+    With strict auth the call must carry a configured project's credentials
+    and sees only that project (one project never reads another's data).
+    """
+    asked = req.param("project") or None
+    if not store.strict_auth:
+        return asked
+    token = _credential_token(store, req)
+    if token is None:
+        raise ApiError(401, {"error": "strict auth: send a configured project's credentials "
+                                      "(Basic token:, secret: or a service account)"})
+    if asked is not None and asked != token:
+        raise ApiError(403, {"error": "strict auth: these credentials are for another project"})
+    return token
 
 
 def _event_view(seq: int, token: str, event: dict) -> dict:
@@ -3708,7 +4090,7 @@ def _health(store: Store, req: _Request) -> _Response:
 
 def _parlel_reset(store: Store, req: _Request) -> _Response:
     """Forget what was ingested (one project with ?project=)."""
-    store.reset(_scope(req))
+    store.reset(_scope(store, req))
     return _json(200, {"ok": True})
 
 
@@ -3717,7 +4099,7 @@ def _parlel_events(store: Store, req: _Request) -> _Response:
     filter, ?dedup=1 shows what reports see."""
     name = req.param("event")
     distinct_id = req.param("distinct_id")
-    rows = store.event_rows(_scope(req))
+    rows = store.event_rows(_scope(store, req))
     if req.param("dedup") in ("1", "true"):
         rows = _dedup(rows)
     rows = [_event_view(seq, token, event) for seq, token, event in rows
@@ -3726,25 +4108,25 @@ def _parlel_events(store: Store, req: _Request) -> _Response:
 
 
 def _parlel_clear_events(store: Store, req: _Request) -> _Response:
-    store.clear_events(_scope(req))
+    store.clear_events(_scope(store, req))
     return _json(200, {"ok": True, "count": 0})
 
 
 def _parlel_people(store: Store, req: _Request) -> _Response:
     rows = [{"$distinct_id": key, "$properties": props, "project": token}
-            for token, key, props in store.profile_rows("people", _scope(req))]
+            for token, key, props in store.profile_rows("people", _scope(store, req))]
     return _json(200, {"count": len(rows), "people": rows})
 
 
 def _parlel_groups(store: Store, req: _Request) -> _Response:
     rows = [{"$group_key": key[0], "$group_id": key[1], "$properties": props, "project": token}
-            for token, key, props in store.profile_rows("groups", _scope(req))]
+            for token, key, props in store.profile_rows("groups", _scope(store, req))]
     return _json(200, {"count": len(rows), "groups": rows})
 
 
 def _parlel_rejected(store: Store, req: _Request) -> _Response:
     """Every refused record with its reason, endpoint, project and index."""
-    rows = store.rejected_rows(_scope(req))
+    rows = store.rejected_rows(_scope(store, req))
     return _json(200, {"count": len(rows), "rejected": rows})
 
 
@@ -3761,7 +4143,7 @@ def _json_body(req: _Request) -> dict:
 def _registered(store: Store, req: _Request, table: str, key: str) -> _Response:
     with store.lock:
         rows = [dict(entry, **{key: entry_id, "project": token})
-                for token, state in store._states(_scope(req))
+                for token, state in store._states(_scope(store, req))
                 for entry_id, entry in getattr(state, table).items()]
     return _json(200, {"count": len(rows), table: rows})
 
@@ -3774,7 +4156,7 @@ def _register_over_http(store: Store, req: _Request, register: Callable, key: st
         raise ApiError(400, {"error": f"unknown fields: {', '.join(sorted(unknown))}",
                              "fields": list(fields) + ["project"]})
     try:
-        new_id = register(store, body.get("project") or _scope(req),
+        new_id = register(store, body.get("project") or _scope(store, req),
                           **{k: v for k, v in body.items() if k != "project"})
     except (TypeError, ValueError) as exc:
         raise ApiError(400, {"error": str(exc)}) from None
