@@ -1125,7 +1125,8 @@ def _looks_json(body: bytes, content_type: str) -> bool:
 class _Request:
     """One decoded HTTP request, as handlers see it."""
 
-    __slots__ = ("method", "path", "query", "headers", "body", "raw", "is_json", "client", "records")
+    __slots__ = ("method", "path", "query", "headers", "body", "raw", "is_json", "client", "records",
+                 "raw_path")
 
     def __init__(self, method: str, path: str, query: str, headers: Any,
                  body: bytes, client: str = ""):
@@ -1133,6 +1134,7 @@ class _Request:
         self.path = path
         self.query = query
         self.records: list | None = None  # what the handler decoded, for the journal
+        self.raw_path = path  # as the client wrote it (plumbing sets it)
         self.headers = headers
         self.body = body
         self.client = client
@@ -1191,9 +1193,10 @@ def _dumps(value: Any) -> bytes:
     to escapes, and a refused record too deep or too big to write is clipped.
     """
     try:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"),
+                          allow_nan=False).encode("utf-8")
     except UnicodeEncodeError:
-        return json.dumps(value, separators=(",", ":")).encode("ascii")
+        return json.dumps(value, separators=(",", ":"), allow_nan=False).encode("ascii")
     except (RecursionError, ValueError):
         return json.dumps(_clip(value, 32), separators=(",", ":")).encode("ascii")
 
@@ -1210,6 +1213,8 @@ def _clip(value: Any, depth: int) -> Any:
         return [_clip(v, depth - 1) for v in value]
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 10000:
         return "<integer too long to show>"
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no infinities
     return value
 
 
@@ -1447,17 +1452,20 @@ class _Parser:
             raise ExpressionError(f"expression nested more than {_EXPR_MAX_DEPTH} deep",
                                   self.text, position)
 
+    # Chains (a or b or c, a + b - c, x["a"]["b"]) are one node holding a
+    # list, not a nest of nodes, so a long chain cannot deepen the stack.
+
     def parse_or(self) -> tuple:
-        node = self.parse_and()
+        items = [self.parse_and()]
         while self.accept("keyword", "or"):
-            node = ("or", node, self.parse_and())
-        return node
+            items.append(self.parse_and())
+        return items[0] if len(items) == 1 else ("or", tuple(items))
 
     def parse_and(self) -> tuple:
-        node = self.parse_not()
+        items = [self.parse_not()]
         while self.accept("keyword", "and"):
-            node = ("and", node, self.parse_not())
-        return node
+            items.append(self.parse_not())
+        return items[0] if len(items) == 1 else ("and", tuple(items))
 
     def parse_not(self) -> tuple:
         # `not` binds looser than comparisons: not "a" in x == not ("a" in x).
@@ -1472,28 +1480,35 @@ class _Parser:
     def parse_compare(self) -> tuple:
         node = self.parse_sum()
         kind, value, _ = self.current
-        if (kind == "op" and value in ("==", "=", "!=", "<", "<=", ">", ">=")) or (
-                kind == "keyword" and value == "in"):
+        if self.is_comparison():
             self.index += 1
             op = "==" if value == "=" else value
             node = ("cmp", op, node, self.parse_sum())
+            if self.is_comparison():
+                raise ExpressionError("comparisons cannot be chained; join them with 'and'",
+                                      self.text, self.current[2])
         return node
+
+    def is_comparison(self) -> bool:
+        kind, value, _ = self.current
+        return (kind == "op" and value in ("==", "=", "!=", "<", "<=", ">", ">=")) or (
+            kind == "keyword" and value == "in")
 
     def parse_sum(self) -> tuple:
-        node = self.parse_product()
-        while self.current[0] == "op" and self.current[1] in ("+", "-"):
-            op = self.current[1]
-            self.index += 1
-            node = ("math", op, node, self.parse_product())
-        return node
+        return self.parse_chain(("+", "-"), self.parse_product)
 
     def parse_product(self) -> tuple:
-        node = self.parse_unary()
-        while self.current[0] == "op" and self.current[1] in ("*", "/", "%"):
+        return self.parse_chain(("*", "/", "%"), self.parse_unary)
+
+    def parse_chain(self, ops: tuple, operand: Callable[[], tuple]) -> tuple:
+        """Left-associative arithmetic: ("math", first, ((op, operand), ...))."""
+        first = operand()
+        rest = []
+        while self.current[0] == "op" and self.current[1] in ops:
             op = self.current[1]
             self.index += 1
-            node = ("math", op, node, self.parse_unary())
-        return node
+            rest.append((op, operand()))
+        return ("math", first, tuple(rest)) if rest else first
 
     def parse_unary(self) -> tuple:
         position = self.current[2]
@@ -1506,11 +1521,11 @@ class _Parser:
 
     def parse_postfix(self) -> tuple:
         node = self.parse_primary()
+        keys = []
         while self.current[1] == "[" and self.current[0] == "punct":
-            key = self.parse_nested_or(opening=True)
+            keys.append(self.parse_nested_or(opening=True))
             self.expect("punct", "]", "']'")
-            node = ("index", node, key)
-        return node
+        return ("index", node, tuple(keys)) if keys else node
 
     def parse_nested_or(self, opening: bool = False) -> tuple:
         """An expression one level down; ``opening`` consumes its bracket."""
@@ -1693,15 +1708,20 @@ def _arithmetic(op: str, a: Any, b: Any) -> Any:
         return a + b
     if kind_a != "number" or kind_b != "number":
         return _UNDEF
-    if op == "+":
-        return a + b
-    if op == "-":
-        return a - b
-    if op == "*":
-        return a * b
-    if b == 0:
+    try:
+        if op == "+":
+            result = a + b
+        elif op == "-":
+            result = a - b
+        elif op == "*":
+            result = a * b
+        elif b == 0:
+            return _UNDEF
+        else:
+            result = a / b if op == "/" else math.fmod(a, b)  # % takes the dividend's sign
+    except OverflowError:
         return _UNDEF
-    return a / b if op == "/" else math.fmod(a, b)  # % takes the dividend's sign
+    return result if abs(result) <= _MAX_DOUBLE else _UNDEF  # no infinities
 
 
 def _number_text(value: float) -> str:
@@ -1837,7 +1857,7 @@ def _compile(node: tuple) -> Callable[[dict, _Scope], Any]:
         items = [_compile(item) for item in node[1]]
         return lambda props, scope: [item(props, scope) for item in items]
     if tag == "index":
-        return _compile_index(_compile(node[1]), _compile(node[2]))
+        return _compile_index(_compile(node[1]), [_compile(key) for key in node[2]])
     if tag == "not":
         inner = _compile(node[1])
 
@@ -1855,12 +1875,19 @@ def _compile(node: tuple) -> Callable[[dict, _Scope], Any]:
             return -value if _kind(value) == "number" else _UNDEF
         return minus
     if tag in ("and", "or"):
-        return _compile_logic(tag, _compile(node[1]), _compile(node[2]))
+        return _compile_logic(tag, [_compile(item) for item in node[1]])
     if tag == "cmp":
         return _compile_compare(node[1], node[2], node[3])
     if tag == "math":
-        op, left, right = node[1], _compile(node[2]), _compile(node[3])
-        return lambda props, scope: _arithmetic(op, left(props, scope), right(props, scope))
+        first = _compile(node[1])
+        rest = [(op, _compile(item)) for op, item in node[2]]
+
+        def fold(props: dict, scope: _Scope) -> Any:
+            value = first(props, scope)
+            for op, item in rest:
+                value = _arithmetic(op, value, item(props, scope))
+            return value
+        return fold
     if tag == "call":
         function = _CALLS[node[1]]
         args = [_compile(arg) for arg in node[2]]
@@ -1886,48 +1913,46 @@ def _compile_prop(source: str, name: str) -> Callable[[dict, _Scope], Any]:
                                  else scope.behaviors.get(name, _UNDEF))
 
 
-def _compile_index(base: Callable, key: Callable) -> Callable[[dict, _Scope], Any]:
+def _compile_index(base: Callable, keys: list[Callable]) -> Callable[[dict, _Scope], Any]:
     def index(props: dict, scope: _Scope) -> Any:
-        container, k = base(props, scope), key(props, scope)
-        if isinstance(container, dict) and isinstance(k, str):
-            return container.get(k, _UNDEF)
-        if isinstance(container, list) and _kind(k) == "number" and float(k).is_integer():
-            position = int(k)
-            return container[position] if -len(container) <= position < len(container) else _UNDEF
-        return _UNDEF
+        container = base(props, scope)
+        for key in keys:
+            k = key(props, scope)
+            if isinstance(container, dict) and isinstance(k, str):
+                container = container.get(k, _UNDEF)
+            elif (isinstance(container, list) and _kind(k) == "number" and math.isfinite(k)
+                  and float(k).is_integer() and -len(container) <= int(k) < len(container)):
+                container = container[int(k)]
+            else:
+                return _UNDEF
+        return container
     return index
 
 
-def _compile_logic(op: str, left: Callable, right: Callable) -> Callable[[dict, _Scope], Any]:
-    """`and`/`or` take booleans and undefined (as false); others are errors."""
+def _compile_logic(op: str, items: list[Callable]) -> Callable[[dict, _Scope], Any]:
+    """`and`/`or` take booleans and undefined (as false); others are errors.
+    Evaluation stops at the first operand that decides."""
     if op == "and":
-        def both(props: dict, scope: _Scope) -> Any:
-            a = left(props, scope)
-            if a is True:
-                b = right(props, scope)
-                if b is True or b is False:
-                    return b
-                if b is _UNDEF:
+        def every(props: dict, scope: _Scope) -> Any:
+            for item in items:
+                value = item(props, scope)
+                if value is True:
+                    continue
+                if value is False or value is _UNDEF:
                     return False
-                raise _logic_error("and", b)
-            if a is False or a is _UNDEF:
-                return False
-            raise _logic_error("and", a)
-        return both
-
-    def either(props: dict, scope: _Scope) -> Any:
-        a = left(props, scope)
-        if a is True:
+                raise _logic_error("and", value)
             return True
-        if a is not False and a is not _UNDEF:
-            raise _logic_error("or", a)
-        b = right(props, scope)
-        if b is True or b is False:
-            return b
-        if b is _UNDEF:
-            return False
-        raise _logic_error("or", b)
-    return either
+        return every
+
+    def some(props: dict, scope: _Scope) -> Any:
+        for item in items:
+            value = item(props, scope)
+            if value is True:
+                return True
+            if value is not False and value is not _UNDEF:
+                raise _logic_error("or", value)
+        return False
+    return some
 
 
 def _compile_compare(op: str, left_node: tuple, right_node: tuple) -> Callable[[dict, _Scope], Any]:
@@ -1958,7 +1983,7 @@ def _fuse(op: str, name: str, constant: Any) -> Callable[[dict, _Scope], Any] | 
                                          and get(props, name) == constant)
         return lambda props, scope: not (type(get(props, name)) in _NUMBER_TYPES
                                          and get(props, name) == constant)
-    if op in ("<", "<=", ">", ">=") and _kind(constant) == "number":
+    if op in ("<", "<=", ">", ">=") and _kind(constant) == "number" and abs(constant) <= _MAX_DOUBLE:
         compare = {"<": float.__lt__, "<=": float.__le__, ">": float.__gt__, ">=": float.__ge__}[op]
         threshold = float(constant)
 
@@ -1976,15 +2001,14 @@ def _compile_any(var: str, items: Callable, predicate: Callable) -> Callable[[di
         values = items(props, scope)
         if not isinstance(values, list):
             return False
-        saved = scope.vars.get(var, _UNDEF)
-        try:
-            for value in values:
-                scope.vars[var] = value
-                if predicate(props, scope) is True:
-                    return True
-            return False
-        finally:
-            scope.vars[var] = saved
+        # A scope of its own: the shared one may be in use on other threads.
+        inner = _Scope(scope.event, scope.user, scope.behaviors)
+        inner.vars = dict(scope.vars)
+        for value in values:
+            inner.vars[var] = value
+            if predicate(props, inner) is True:
+                return True
+        return False
     return any_of
 
 
@@ -1999,7 +2023,7 @@ def _is_boolean(node: tuple) -> bool:
     if tag == "call":
         return node[1] in ("defined", "boolean")
     if tag in ("and", "or"):
-        return _is_boolean(node[1]) and _is_boolean(node[2])
+        return all(_is_boolean(item) for item in node[1])
     return tag == "lit" and isinstance(node[1], bool)
 
 
@@ -2014,16 +2038,20 @@ def _compile_test(node: tuple) -> Callable[..., bool]:
     """
     tag = node[0]
     if tag in ("and", "or") and _is_boolean(node):
-        left, right = _compile_test(node[1]), _compile_test(node[2])
+        tests = [_compile_test(item) for item in node[1]]
         if tag == "or":
-            return lambda props, scope=_NO_SCOPE: left(props, scope) or right(props, scope)
-        first = node[1]
-        if (first[0] == "cmp" and first[1] == "==" and first[2][0] == "prop"
+            return lambda props, scope=_NO_SCOPE: any(test(props, scope) for test in tests)
+        first = node[1][0]
+        if len(tests) == 2 and (
+                first[0] == "cmp" and first[1] == "==" and first[2][0] == "prop"
                 and first[2][1] == "properties" and first[2][2] != "$time"
                 and first[3][0] == "lit" and isinstance(first[3][1], str)):
-            name, constant = first[2][2], first[3][1]
-            return lambda props, scope=_NO_SCOPE: props.get(name) == constant and right(props, scope)
-        return lambda props, scope=_NO_SCOPE: left(props, scope) and right(props, scope)
+            name, constant, second = first[2][2], first[3][1], tests[1]
+            return lambda props, scope=_NO_SCOPE: props.get(name) == constant and second(props, scope)
+        if len(tests) == 2:
+            left, right = tests
+            return lambda props, scope=_NO_SCOPE: left(props, scope) and right(props, scope)
+        return lambda props, scope=_NO_SCOPE: all(test(props, scope) for test in tests)
     if tag == "not" and _is_boolean(node[1]):
         inner = _compile_test(node[1])
         return lambda props, scope=_NO_SCOPE: not inner(props, scope)
@@ -2769,7 +2797,7 @@ class _Query:
 
     def error(self, status: int, message: str) -> ApiError:
         """Mixpanel's query error: the request echoed, and the message."""
-        request = self.req.path + ("?" + self.req.query if self.req.query else "")
+        request = self.req.raw_path + ("?" + self.req.query if self.req.query else "")
         return ApiError(status, {"request": request, "error": message})
 
     def _resolve(self) -> tuple[Project, _ProjectState]:
@@ -2777,6 +2805,7 @@ class _Query:
         store = self.store
         auth = self.req.basic_auth()
         project_id = self.params.get("project_id")
+        project_id = None if project_id in (None, "") else str(project_id)
         token = None
         if auth is not None:
             token = store.project_by_credentials(auth[0], auth[1], project_id)
@@ -2907,6 +2936,16 @@ class _Query:
             raise self.error(400, f"Error in {name}: invalid date, bad year")
         return value
 
+    def series(self, buckets: _Buckets, first: datetime.date, last: datetime.date) -> list[str]:
+        """The bucket labels of the range; with `interval` and hour or minute
+        units, the last `interval` of them up to now (query-api.md §6)."""
+        labels = buckets.series(first, last)
+        if (buckets.unit in ("minute", "hour") and self.params.get("from_date") in (None, "")
+                and self.params.get("interval") not in (None, "")):
+            now_label = buckets.label(self.now)
+            labels = [label for label in labels if label <= now_label][-self.integer("interval", 1, low=1):]
+        return labels
+
     def today(self, utc: bool = False) -> datetime.date:
         zone = datetime.timezone.utc if utc else self.tz
         return datetime.datetime.fromtimestamp(self.now, zone).date()
@@ -2954,11 +2993,16 @@ class _Query:
         rows = []
         for event in picked.values():
             props = event["properties"]
-            person = props.get("distinct_id")
-            if person is not None:
-                if type(person) is not str:
-                    person = _id_text(person)
+            raw = props.get("distinct_id")
+            person = raw
+            if raw is not None:
+                if type(raw) is not str:
+                    person = _id_text(raw)
                 person = canonical(person, person)
+                if person != raw:
+                    # Reports see the canonical id, as export shows it (D-EXP).
+                    props = dict(props, distinct_id=person)
+                    event = {"event": event["event"], "properties": props}
             if where is not None:
                 if scope is not None:
                     scope.event = event["event"]
@@ -2971,6 +3015,14 @@ class _Query:
         if ordered:
             rows.sort(key=_event_time)
         return rows
+
+
+    def scope(self, expression: _Expression, event: dict, person: Any) -> _Scope:
+        """What `user[...]` and `event[...]` read for one event's row."""
+        if not expression.uses_user:
+            return _NO_SCOPE
+        user = self.state.profiles.get(person) if person is not None else None
+        return _Scope(event["event"], user)
 
 
 def _event_time(row: tuple[dict, Any]) -> Any:
@@ -3087,7 +3139,7 @@ def _count_series(rows: list[tuple[dict, Any]], buckets: _Buckets, kind: str,
     people: dict[str, dict[str, set]] = {}
     for event, person in rows:
         label = buckets.label(event["properties"]["time"])
-        for key in key_of(event):
+        for key in key_of(event, person):
             totals.setdefault(key, {}).setdefault(label, 0)
             totals[key][label] += 1
             if kind != "general" and person is not None:
@@ -3123,7 +3175,7 @@ def _export(store: Store, req: _Request) -> _Response:
     try:
         q = _Query(store, req)
         first, last = q.date_range(utc=True)
-        if last > q.today(utc=True):
+        if last > q.today():  # "today" in the project timezone (AB, TAP)
             raise q.error(400, "to_date cannot be later than today")
         names = q.names("event")
         where = q.expression("where")
@@ -3139,19 +3191,28 @@ def _export(store: Store, req: _Request) -> _Response:
     resolve = q.state.identity.resolve
     wanted = None if names is None else set(names)
 
+    profiles = q.state.profiles
+
     def lines() -> Any:
+        if limit == 0:
+            return
         sent = 0
-        for position in range(count):
-            event = events[position]
+        for event in itertools.islice(events, count):
             if wanted is not None and event["event"] not in wanted:
                 continue
             props = event["properties"]
-            ts = props.get("time")
-            if not isinstance(ts, _NUMBER_TYPES) or not start <= ts < end:
+            if not start <= props["time"] < end:
                 continue
-            if where is not None and not where.matches(props):
-                continue
-            yield _dumps({"event": event["event"], "properties": _export_properties(props, resolve, in_ms)}) + b"\n"
+            if where is not None:
+                # The filter sees what export shows: the canonical distinct_id.
+                raw = _id_text(props.get("distinct_id"))
+                person = resolve(raw) if raw is not None else None
+                seen = props if person == raw else dict(props, distinct_id=person)
+                scope = _Scope(event["event"], profiles.get(person)) if where.uses_user else _NO_SCOPE
+                if not where.matches(seen, scope):
+                    continue
+            yield _dumps({"event": event["event"],
+                          "properties": _export_properties(props, resolve, in_ms)}) + b"\n"
             sent += 1
             if limit is not None and sent >= limit:
                 return
@@ -3265,10 +3326,11 @@ def _engage_results(q: _Query) -> list[dict]:
                 if not where.matches(props, scope):
                     continue
         shown = props if outputs is None else {k: props[k] for k in outputs if k in props}
-        key = "$group_id" if group_key is not None else "$distinct_id"
-        results.append({key: distinct_id, "$properties": shown})
-    if members is not None and group_key is None and not q.params.get("include_all_users") in (
-            False, "false", "0"):
+        results.append({"$distinct_id": distinct_id, "$properties": shown})
+    include_all = str(q.params.get("include_all_users", "true")).lower() not in ("false", "0")
+    if (members is not None and group_key is None and include_all and where is None
+            and wanted is None):
+        # Cohort members with no profile (include_all_users defaults to true).
         known = {r["$distinct_id"] for r in results}
         for distinct_id in sorted(members - known - set(table)):
             results.append({"$distinct_id": distinct_id, "$properties": {}})
@@ -3360,8 +3422,8 @@ def _events_report(store: Store, req: _Request) -> _Response:
     start, end = q.bounds(first, last)
     buckets = _Buckets(unit, q.tz)
     rows = q.events(start, end, names, None)
-    values = _count_series(rows, buckets, kind, lambda e: [e["event"]])
-    series = buckets.series(first, last)
+    values = _count_series(rows, buckets, kind, lambda e, p: [e["event"]])
+    series = q.series(buckets, first, last)
     values = _fill({name: values.get(name, {}) for name in names}, series)
     answer: dict[str, Any] = {"data": {"series": series, "values": values}, "legend_size": len(values)}
     if seed_style:
@@ -3428,11 +3490,11 @@ def _events_properties(store: Store, req: _Request) -> _Response:
     buckets = _Buckets(unit, q.tz)
     rows = q.events(start, end, [event_name], None)
 
-    def keys(event: dict) -> list[str]:
+    def keys(event: dict, person: Any) -> list[str]:
         found = _segment_keys(_read_property(event["properties"], name))
         return [k for k in found if only is None or k in only]
     values = _top(_count_series(rows, buckets, kind, keys), limit)
-    series = buckets.series(first, last)
+    series = q.series(buckets, first, last)
     return _json(200, {"data": {"series": series, "values": _fill(values, series)},
                        "legend_size": len(values)})
 
@@ -3447,7 +3509,8 @@ def _events_properties_top(store: Store, req: _Request) -> _Response:
     counts: dict[str, int] = {}
     for event, _ in q.events(start, end, [event_name], None):
         for key in event["properties"]:
-            counts[key] = counts.get(key, 0) + 1
+            if key != "token":  # not an event property Mixpanel shows
+                counts[key] = counts.get(key, 0) + 1
     ranked = sorted(counts, key=lambda k: (-counts[k], k))[:limit]
     return _json(200, {key: {"count": counts[key]} for key in ranked})
 
@@ -3495,12 +3558,12 @@ def _segmentation(store: Store, req: _Request) -> _Response:
     rows, buckets, first, last = _segmentation_rows(q)
     event_name = q.text("event")
     if on is None:
-        values = _count_series(rows, buckets, kind, lambda e: [event_name])
+        values = _count_series(rows, buckets, kind, lambda e, p: [event_name])
         values = {event_name: values.get(event_name, {})}
     else:
-        values = _top(_count_series(rows, buckets, kind,
-                                    lambda e: _segment_keys(on.value(e["properties"]))), limit)
-    series = buckets.series(first, last)
+        values = _top(_count_series(rows, buckets, kind, lambda e, p: _segment_keys(
+            on.value(e["properties"], q.scope(on, e, p)))), limit)
+    series = q.series(buckets, first, last)
     return _json(200, {"data": {"series": series, "values": _fill(values, series)},
                        "legend_size": len(values)})
 
@@ -3520,8 +3583,8 @@ def _segmentation_numeric(store: Store, req: _Request) -> _Response:
     rows, buckets, _, _ = _segmentation_rows(q)
     numbers = []
     for event, person in rows:
-        value = on.value(event["properties"])
-        if _kind(value) == "number":
+        value = on.value(event["properties"], q.scope(on, event, person))
+        if _kind(value) == "number" and math.isfinite(value):
             numbers.append((value, event, person))
     if not numbers:
         return _json(200, {"data": {"series": [], "values": {}}, "legend_size": 0})
@@ -3535,7 +3598,7 @@ def _segmentation_numeric(store: Store, req: _Request) -> _Response:
         return f"{_group_digits(lo)} - {_group_digits(lo + width)}"
     ranges = {id(e): label(n) for n, e, _ in numbers}
     picked = [(e, p) for _, e, p in numbers]
-    values = _count_series(picked, buckets, kind, lambda e: [ranges[id(e)]])
+    values = _count_series(picked, buckets, kind, lambda e, p: [ranges[id(e)]])
     values = dict(sorted(values.items(), key=lambda item: float(item[0].split(" - ")[0].replace(",", ""))))
     series = sorted({label for counts in values.values() for label in counts})
     return _json(200, {"data": {"series": series, "values": values}, "legend_size": len(values)})
@@ -3574,13 +3637,14 @@ def _segmentation_aggregate(store: Store, req: _Request, average: bool) -> _Resp
     rows, buckets, first, last = _segmentation_rows(q)
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
-    for event, _ in rows:
-        value = on.value(event["properties"])
+    for event, person in rows:
+        value = on.value(event["properties"], q.scope(on, event, person))
         label = buckets.label(event["properties"]["time"])
         sums[label] = sums.get(label, 0.0) + (float(value) if _kind(value) == "number" else 0.0)
         counts[label] = counts.get(label, 0) + 1
     results = {label: (sums.get(label, 0.0) / counts[label] if average and counts.get(label)
                        else sums.get(label, 0.0)) for label in buckets.series(first, last)}
+    results = {label: value if math.isfinite(value) else None for label, value in results.items()}
     return _json(200, {"status": "ok", "computed_at": _computed_at(q), "results": results})
 
 
@@ -3634,12 +3698,14 @@ def _funnels(store: Store, req: _Request) -> _Response:
     for event, person in rows:
         if person is None:
             continue
-        if funnel_where is not None and not funnel_where.matches(event["properties"]):
+        if funnel_where is not None and not funnel_where.matches(
+                event["properties"], q.scope(funnel_where, event, person)):
             continue
         by_person.setdefault(person, []).append(event)
     results: dict[str, dict[str, list]] = {}
     for person, events in by_person.items():
-        _walk_funnel(events, names, step_filters, start, end, window, buckets, on, results)
+        scope = _Scope(user=q.state.profiles.get(person))
+        _walk_funnel(events, names, step_filters, start, end, window, buckets, on, results, scope)
     dates = buckets.series(first, last)
     data = {}
     for label in dates:
@@ -3659,7 +3725,7 @@ def _funnels(store: Store, req: _Request) -> _Response:
 
 def _walk_funnel(events: list[dict], names: list[str], filters: list, start: float, end: float,
                  window: float, buckets: _Buckets, on: _Expression | None,
-                 results: dict[str, dict[str, list]]) -> None:
+                 results: dict[str, dict[str, list]], scope: _Scope) -> None:
     """One person's way through the funnel, counted in the bucket of their
     first entry (step 1 inside the date range): each later step must come
     after the previous one and within the window of the entry."""
@@ -3667,7 +3733,7 @@ def _walk_funnel(events: list[dict], names: list[str], filters: list, start: flo
         props = event["properties"]
         if event["event"] != names[0] or not start <= props["time"] < end:
             continue
-        if filters[0] is not None and not filters[0].matches(props):
+        if filters[0] is not None and not filters[0].matches(props, scope):
             continue
         label = buckets.label(props["time"])
         times = [props["time"]]
@@ -3679,10 +3745,10 @@ def _walk_funnel(events: list[dict], names: list[str], filters: list, start: flo
             if later_props["time"] > times[0] + window:
                 break
             if later["event"] == names[step] and (
-                    filters[step] is None or filters[step].matches(later_props)):
+                    filters[step] is None or filters[step].matches(later_props, scope)):
                 times.append(later_props["time"])
                 step += 1
-        keys = ["$overall"] + (_segment_keys(on.value(props)) if on is not None else [])
+        keys = ["$overall"] + (_segment_keys(on.value(props, scope)) if on is not None else [])
         for key in keys:
             counts = results.setdefault(label, {}).setdefault(key, [[] for _ in names])
             for reached in range(len(times)):
@@ -3795,13 +3861,16 @@ def _retention(store: Store, req: _Request) -> _Response:
             slot = int((ts - born_at) // length)
             if slot <= intervals:
                 hit.add(slot)
+            elif unbounded:
+                hit.add(intervals)  # "retained on N or later"
         for slot in hit:
             row["counts"][slot] += 1
     if unbounded:
         for row in table.values():
             for slot in range(intervals - 1, -1, -1):
                 row["counts"][slot] = max(row["counts"][slot], row["counts"][slot + 1])
-    return _json(200, {label: table[label] for label in sorted(table)})
+    empty = {"counts": [0] * (intervals + 1), "first": 0}
+    return _json(200, {label: table.get(label, empty) for label in buckets.series(first, last)})
 
 
 def _retention_addiction(store: Store, req: _Request) -> _Response:
@@ -3861,7 +3930,7 @@ def _annotations(store: Store, req: _Request) -> _Response:
 
 def _annotation_fields(q: _Query) -> tuple[str, str]:
     date = q.text("date", required=True)
-    if _parse_datetime(date) is None:
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}( \d{2}:\d{2}:\d{2})?", date) or _parse_datetime(date) is None:
         raise q.error(400, "date must be YYYY-MM-DD HH:MM:SS")
     description = q.text("description", required=True)
     return date if len(date) > 10 else date + " 00:00:00", description
@@ -3915,13 +3984,22 @@ def _insights(store: Store, req: _Request) -> _Response:
     where = _compile_expression(report["where"]) if report.get("where") else None
     on = _compile_expression(report["on"]) if report.get("on") else None
     rows = q.events(start, end, [report["event"]], where)
-    key_of = (lambda e: [report["event"]]) if on is None else (lambda e: _segment_keys(on.value(e["properties"])))
+    key_of = (lambda e, p: [report["event"]]) if on is None else (
+        lambda e, p: _segment_keys(on.value(e["properties"], q.scope(on, e, p))))
     values = _count_series(rows, buckets, report["type"], key_of)
     series = buckets.series(first, today)
     iso = {label: _local_iso(label, q.tz) for label in series}
-    out = {key: {iso[label]: counts.get(label, 0) for label in series} for key, counts in values.items()}
+
+    def dated(counts: dict) -> dict:
+        return {iso[label]: counts.get(label, 0) for label in series}
     if on is None:
-        out = {report["event"]: {iso[label]: values.get(report["event"], {}).get(label, 0) for label in series}}
+        out = {report["event"]: dated(values.get(report["event"], {}))}
+    else:
+        # Breakdowns nest under the event, with "$overall" beside them (MD).
+        overall = _count_series(rows, buckets, report["type"], lambda e, p: [report["event"]])
+        nested = {"$overall": dated(overall.get(report["event"], {}))}
+        nested.update({key: dated(counts) for key, counts in values.items()})
+        out = {report["event"]: nested}
     return _json(200, {"computed_at": _computed_at(q),
                        "date_range": {"from_date": _local_iso(first.isoformat(), q.tz),
                                       "to_date": _local_iso(today.isoformat(), q.tz, end_of_day=True)},
@@ -4174,7 +4252,11 @@ def _parlel_add_funnel(store: Store, req: _Request) -> _Response:
 
 
 def _parlel_cohorts(store: Store, req: _Request) -> _Response:
-    return _registered(store, req, "cohorts", "id")
+    response = _registered(store, req, "cohorts", "id")
+    listing = json.loads(response.body)
+    for cohort in listing["cohorts"]:
+        cohort["id"] = int(cohort["id"])
+    return _json(200, listing)
 
 
 def _parlel_add_cohort(store: Store, req: _Request) -> _Response:
@@ -4379,6 +4461,15 @@ def _gunzip(body: bytes, limit: int) -> bytes:
     return b"".join(out)
 
 
+def _accepts_gzip(header: str) -> bool:
+    """`gzip` listed in Accept-Encoding without q=0 (RFC 9110 §12.5.3)."""
+    for item in header.lower().split(","):
+        coding, _, params = item.strip().partition(";")
+        if coding.strip() in ("gzip", "x-gzip"):
+            return params.replace(" ", "") not in ("q=0", "q=0.0", "q=0.00", "q=0.000")
+    return False
+
+
 def _header_safe(value: str) -> str:
     return value.replace("\r", " ").replace("\n", " ")
 
@@ -4459,6 +4550,7 @@ class _Handler(BaseHTTPRequestHandler):
                 handler = _route(self.command, path, query)
                 client = self.client_address[0] if self.client_address else ""
                 request = _Request(self.command, path, query, self.headers, body, client)
+                request.raw_path = self.path.split("?", 1)[0]
                 response = handler(store, request)
         except ApiError as exc:
             response = _error_response(exc)
@@ -4592,7 +4684,7 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as exc:  # before any byte went out: a proper error answer
             self._send(self._stream_error(exc))
             return
-        gzip_it = "gzip" in (self.headers.get("Accept-Encoding") or "").lower()
+        gzip_it = _accepts_gzip(self.headers.get("Accept-Encoding") or "")
         chunked = self.request_version != "HTTP/1.0"
         extra = {}
         if chunked:
@@ -4945,8 +5037,12 @@ class MixpanelFake:
             headers["Authorization"] = "Basic " + credentials
         query = urlencode(pairs)
         handler = _route("GET", path, query)
-        response = handler(self.store, _Request("GET", path, query, headers, b""))
-        body = response.body if isinstance(response.body, bytes) else b"".join(response.body)
+        request = path + ("?" + query if query else "")
+        try:
+            response = handler(self.store, _Request("GET", path, query, headers, b""))
+            body = response.body if isinstance(response.body, bytes) else b"".join(response.body)
+        except ExpressionError as exc:
+            raise ApiError(400, {"request": request, "error": f"invalid expression: {exc}"}) from None
         if response.status != 200:
             raise ApiError(response.status, body.decode("utf-8", "replace"))
         if path == "/api/2.0/export":

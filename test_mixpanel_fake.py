@@ -1678,7 +1678,7 @@ class TestEngageQuery(_QueryTestCase):
         _http("POST", "/groups", json.dumps({"$token": QT, "$group_key": "company", "$group_id": "acme",
                                              "$set": {"size": 5}}))
         body = _qj("engage", {"data_group_id": "company"})[1]
-        self.assertEqual(body["results"], [{"$group_id": "acme", "$properties": {"size": 5}}])
+        self.assertEqual(body["results"], [{"$distinct_id": "acme", "$properties": {"size": 5}}])
 
     def test_behaviors(self):
         behaviors = json.dumps([{"name": "payer", "window": "7d", "event_selectors": [{"event": "Paid"}]},
@@ -1720,6 +1720,114 @@ class TestAnnotationsAndInsights(_QueryTestCase):
         self.assertEqual((series["2026-11-10T00:00:00+00:00"], series["2026-11-11T00:00:00+00:00"], len(series)),
                          (2, 1, 7))
         self.assertEqual(_qj("insights", {"bookmark_id": 424242})[0], 400)
+
+
+class TestQueryFixes(_QueryTestCase):
+    """Cases a review found; each answers as the README says."""
+
+    def test_any_is_safe_under_concurrent_queries(self):
+        _post("/import", [_full("L", token=QT, l=["a", "b", "c", "d"], time=T0 - 100 - i % 50,
+                                **{"$insert_id": f"l{i}"}) for i in range(2000)])
+        results = []
+
+        def count(value):
+            rows = MP.export(project=QT, from_date="2026-11-14", to_date="2026-11-14",
+                             where=f'any(X, properties["l"], X == "{value}")')
+            results.append(len(rows))
+        threads = [threading.Thread(target=count, args=(v,)) for v in "adad"]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.assertEqual(results, [2000] * 4)
+
+    def test_user_properties_everywhere(self):
+        seg = _qj("segmentation", {"event": "Signed Up", "from_date": "2026-11-10", "to_date": "2026-11-11",
+                                   "on": 'user["age"]'})[1]
+        self.assertEqual(seg["data"]["values"], {"30": {"2026-11-10": 1, "2026-11-11": 0},
+                                                 "20": {"2026-11-10": 1, "2026-11-11": 0},
+                                                 "40": {"2026-11-10": 0, "2026-11-11": 1}})
+        rows = MP.export(project=QT, from_date="2026-11-10", to_date="2026-11-12", where='user["age"] > 25')
+        self.assertEqual({r["properties"]["distinct_id"] for r in rows}, {"u1", "u3"})
+        funnel = MP.add_funnel("old", ["Signed Up", "Paid"], where='user["age"] > 25', project=QT)
+        body = _qj("funnels", {"funnel_id": funnel, "from_date": "2026-11-10", "to_date": "2026-11-11",
+                               "unit": "week"})[1]
+        self.assertEqual([s["count"] for s in body["data"]["2026-11-09"]["steps"]], [2, 2])
+
+    def test_reports_see_the_canonical_distinct_id(self):
+        _post("/track", [_event("Viewed", token=QT, **{"$device_id": "d9", "time": T0 - 60}),
+                         _event("Viewed", token=QT, **{"$device_id": "d9", "$user_id": "u1", "time": T0 - 30})])
+        rows = MP.export(project=QT, from_date="2026-11-14", to_date="2026-11-14",
+                         where='properties["distinct_id"] == "u1"')
+        self.assertEqual(len(rows), 2)
+        seg = MP.segmentation(project=QT, event="Viewed", from_date="2026-11-14", to_date="2026-11-14",
+                              on='properties["distinct_id"]')
+        self.assertEqual(seg["data"]["values"], {"u1": {"2026-11-14": 2}})
+
+    def test_long_chains_and_huge_numbers_are_not_errors(self):
+        for text in ("1" + "+1" * 5000, " or ".join(["true"] * 3000), 'properties["a"]' + '["a"]' * 3000):
+            with self.subTest(text[:12]):
+                status, body = _qj("segmentation", {"event": "Paid", "from_date": "2026-11-10",
+                                                    "to_date": "2026-11-10", "on": text[:19990]})
+                self.assertEqual(status, 200, body)
+        status, body = _qj("segmentation", {"event": "Paid", "from_date": "2026-11-10", "to_date": "2026-11-10",
+                                            "where": 'properties["amount"] > 1' + "0" * 400})
+        self.assertEqual(body["data"]["values"]["Paid"], {"2026-11-10": 0})
+        status, body = _qj("segmentation/sum", {"event": "Paid", "from_date": "2026-11-10",
+                                                "to_date": "2026-11-10", "on": 'properties["amount"] * 1e308'})
+        self.assertEqual(body["results"], {"2026-11-10": 0.0})
+
+    def test_chained_comparison_message(self):
+        with self.assertRaises(mixpanel_fake.ExpressionError) as caught:
+            mixpanel_fake._compile_expression("1 < 2 < 3")
+        self.assertEqual(str(caught.exception), "comparisons cannot be chained; join them with 'and' (at column 7)")
+
+    def test_python_query_errors_are_api_errors(self):
+        with self.assertRaises(mixpanel_fake.ApiError) as caught:
+            MP.segmentation(project=QT, event="Paid", from_date="2026-11-10", to_date="2026-11-10",
+                            where='properties["amount"] and true')
+        self.assertEqual(caught.exception.status, 400)
+
+    def test_insights_breakdown_nests_under_the_event(self):
+        bookmark = MP.add_insight("By plan", "Signed Up", days=7, on='properties["plan"]', project=QT)
+        series = _qj("insights", {"bookmark_id": bookmark})[1]["series"]["Signed Up"]
+        self.assertEqual(sorted(series), ["$overall", "free", "pro"])
+        self.assertEqual(series["$overall"]["2026-11-10T00:00:00+00:00"], 2)
+
+    def test_retention_is_zero_filled_and_unbounded_counts_later_returns(self):
+        body = _qj("retention", {"born_event": "Signed Up", "event": "Paid", "from_date": "2026-11-09",
+                                 "to_date": "2026-11-10", "interval_count": 1, "unbounded_retention": "true"})[1]
+        self.assertEqual(body, {"2026-11-09": {"counts": [0, 0], "first": 0},
+                                "2026-11-10": {"counts": [1, 1], "first": 2}})
+
+    def test_hour_interval_counts_hours(self):
+        body = _qj("events", {"event": '["Paid"]', "type": "general", "unit": "hour", "interval": 3})[1]
+        self.assertEqual(body["data"]["series"], ["2026-11-14 20:00:00", "2026-11-14 21:00:00",
+                                                  "2026-11-14 22:00:00"])
+
+    def test_cohort_filters(self):
+        cohort = MP.add_cohort("Some", distinct_ids=["u1", "zed"], project=QT)
+        for flag in ("false", "False", "0"):
+            body = _qj("engage", {"filter_by_cohort": json.dumps({"id": cohort}), "include_all_users": flag})[1]
+            self.assertEqual([r["$distinct_id"] for r in body["results"]], ["u1"])
+        body = _qj("engage", {"filter_by_cohort": json.dumps({"id": cohort})})[1]
+        self.assertEqual([r["$distinct_id"] for r in body["results"]], ["u1", "zed"])
+        body = _qj("engage", {"filter_by_cohort": json.dumps({"id": cohort}), "where": 'properties["age"] > 1'})[1]
+        self.assertEqual([r["$distinct_id"] for r in body["results"]], ["u1"])
+
+    def test_small_export_and_auth_details(self):
+        self.assertEqual(MP.export(project=QT, from_date="2026-11-10", to_date="2026-11-12", limit=0), [])
+        status, head, body = _q("export", {"from_date": "2026-11-10", "to_date": "2026-11-12"},
+                                headers={"Accept-Encoding": "gzip;q=0, identity"})
+        self.assertNotIn("content-encoding", head)
+        status, _, body = _http("POST", "/api/query/segmentation", json.dumps(
+            {"event": "Paid", "from_date": "2026-11-12", "to_date": "2026-11-12",
+             "project_id": Project(QT).project_id}), {"Content-Type": "application/json"})
+        # A numeric project_id in a JSON body names the project (credentials row 6).
+        self.assertEqual((status, json.loads(body)["data"]["values"]), (200, {"Paid": {"2026-11-12": 1}}))
+        self.assertEqual(_json("GET", "/api/query/webhooks")[1]["request"], "/api/query/webhooks")
+        status, body = _qj("annotations/create", {"date": "2026-11-11 10:00:00junk", "description": "x"})
+        self.assertEqual((status, body["error"]), (400, "date must be YYYY-MM-DD HH:MM:SS"))
 
 
 class TestQueryEndToEnd(_ServerTestCase):
