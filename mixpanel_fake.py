@@ -4408,7 +4408,8 @@ def _normalize_path(path: str) -> str:
     return path
 
 
-def _route(method: str, path: str, query: str = "") -> Callable[[Store, _Request], _Response]:
+def _route(method: str, path: str, query: str = "", shown: str | None = None
+           ) -> Callable[[Store, _Request], _Response]:
     """The handler for a request, or an ApiError: 404 naming the known paths,
     405 with `Allow`, and Mixpanel's 400 for an unknown /api/ endpoint."""
     handler = _ROUTES.get(("GET" if method == "HEAD" else method, path))
@@ -4419,7 +4420,7 @@ def _route(method: str, path: str, query: str = "") -> Callable[[Store, _Request
         raise ApiError(405, {"error": f"method {method} not allowed on {path}",
                              "allowed": allowed}, headers={"Allow": ", ".join(allowed)})
     if path.startswith("/api/"):
-        request = path + ("?" + query if query else "")
+        request = (shown or path) + ("?" + query if query else "")
         raise ApiError(400, {"request": request, "error": "Invalid API endpoint"})
     raise ApiError(404, {"error": f"no such endpoint: {method} {path}",
                          "known_paths": sorted(_METHODS_BY_PATH)})
@@ -4547,7 +4548,7 @@ class _Handler(BaseHTTPRequestHandler):
             if self.command == "OPTIONS":
                 response = self._preflight(path)
             else:
-                handler = _route(self.command, path, query)
+                handler = _route(self.command, path, query, self.path.split("?", 1)[0])
                 client = self.client_address[0] if self.client_address else ""
                 request = _Request(self.command, path, query, self.headers, body, client)
                 request.raw_path = self.path.split("?", 1)[0]

@@ -1765,10 +1765,11 @@ class TestQueryFixes(_QueryTestCase):
         self.assertEqual(seg["data"]["values"], {"u1": {"2026-11-14": 2}})
 
     def test_long_chains_and_huge_numbers_are_not_errors(self):
-        for text in ("1" + "+1" * 5000, " or ".join(["true"] * 3000), 'properties["a"]' + '["a"]' * 3000):
+        for text in ("1" + "+1" * 5000, " or ".join(["true"] * 2000), 'properties["a"]' + '["a"]' * 3000):
             with self.subTest(text[:12]):
+                self.assertLess(len(text), 20000)
                 status, body = _qj("segmentation", {"event": "Paid", "from_date": "2026-11-10",
-                                                    "to_date": "2026-11-10", "on": text[:19990]})
+                                                    "to_date": "2026-11-10", "on": text})
                 self.assertEqual(status, 200, body)
         status, body = _qj("segmentation", {"event": "Paid", "from_date": "2026-11-10", "to_date": "2026-11-10",
                                             "where": 'properties["amount"] > 1' + "0" * 400})
