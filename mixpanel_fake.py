@@ -24,16 +24,19 @@ import base64
 import binascii
 import collections
 import datetime
+import difflib
 import functools
 import hashlib
 import ipaddress
 import itertools
+import random
 import json
 import logging
 import math
 import os
 import re
 import selectors
+import signal
 import socket
 import socketserver
 import sys
@@ -1126,7 +1129,7 @@ class _Request:
     """One decoded HTTP request, as handlers see it."""
 
     __slots__ = ("method", "path", "query", "headers", "body", "raw", "is_json", "client", "records",
-                 "raw_path")
+                 "raw_path", "cleanup")
 
     def __init__(self, method: str, path: str, query: str, headers: Any,
                  body: bytes, client: str = ""):
@@ -1135,6 +1138,7 @@ class _Request:
         self.query = query
         self.records: list | None = None  # what the handler decoded, for the journal
         self.raw_path = path  # as the client wrote it (plumbing sets it)
+        self.cleanup: list[Callable[[], None]] = []  # run once the answer is sent
         self.headers = headers
         self.body = body
         self.client = client
@@ -1178,10 +1182,10 @@ class _Response:
 
     __slots__ = ("status", "body", "content_type", "headers")
 
-    def __init__(self, status: int, body: bytes, content_type: str = "application/json",
+    def __init__(self, status: int, body: Any, content_type: str = "application/json",
                  headers: dict[str, str] | None = None):
         self.status = status
-        self.body = body
+        self.body = body  # bytes, or an iterator of bytes (streamed)
         self.content_type = content_type
         self.headers = headers or {}
 
@@ -2794,6 +2798,44 @@ class _Query:
         self.project, self.state = self._resolve()
         self.tz = _zone(self.project.timezone)
         self.now = store.now()
+        if store.rate_limits:
+            self._rate_limit()
+
+    def _rate_limit(self) -> None:
+        """Mixpanel's query limits, when configured: per hour and concurrent
+        (the 429 text is Mixpanel's, AB-429); export has its own."""
+        token = self.project.token
+        store = self.store
+        kinds = ("exports", "exports_hour") if self.req.path == "/api/2.0/export" else ("queries",)
+        for kind in kinds:
+            over = store.rate_check(token, kind)
+            if over is not None:
+                raise self._too_many(over[0] + 1, over[1], over[2])
+        concurrent = store.rate_limits.get("concurrent")
+        if concurrent is not None and self.req.path != "/api/2.0/export":
+            running = store.running(token, +1)
+            if running > concurrent[0]:
+                store.running(token, -1)
+                raise self._too_many(None, None, 1)
+            self.req.cleanup.append(functools.partial(store.running, token, -1))
+
+    def _too_many(self, used: int | None, limit: int | None, wait: float) -> ApiError:
+        store = self.store
+        concurrent = store.rate_limits.get("concurrent", (5, None))[0]
+        hourly = store.rate_limits.get("queries", (60, None))[0]
+        with store.lock:
+            running = store._running.get(self.project.token, 0)
+            window = store._rate_windows.get((self.project.token, "queries"), ())
+            in_hour = sum(n for _, n in window)
+        message = (f"Query rate limit exceeded for project_id: {self.project.project_id}. "
+                   f"{running}/{concurrent} queries running concurrently and "
+                   f"{used if used is not None else in_hour}/{limit if limit is not None else hourly} "
+                   "queries running in the last hour. For more information, please consult our "
+                   "documentation at https://help.mixpanel.com/hc/en-us/articles/"
+                   "115004602563-Rate-Limits-for-Export-API-Endpoints")
+        error = self.error(429, message)
+        error.headers["Retry-After"] = str(max(1, math.ceil(wait)))
+        return error
 
     def error(self, status: int, message: str) -> ApiError:
         """Mixpanel's query error: the request echoed, and the message."""
@@ -3183,7 +3225,7 @@ def _export(store: Store, req: _Request) -> _Response:
         in_ms = q.flag("time_in_ms")
     except ApiError as exc:
         message = exc.body.get("error", "") if isinstance(exc.body, dict) else str(exc.body)
-        raise ApiError(exc.status, message, "text/plain; charset=utf-8") from None
+        raise ApiError(exc.status, message, "text/plain; charset=utf-8", exc.headers) from None
     start, end = q.bounds(first, last, utc=True)
     with store.lock:
         events = q.state.events
@@ -4095,6 +4137,44 @@ def _register_insight(store: Store, token: str | None, name: str, event: str, un
     return bookmark_id
 
 
+# --- faults, as data (README "Faults") ---------------------------------------------
+
+
+def _make_fault(path: str, status: int = 503, body: Any = None, retry_after: int | None = None,
+                delay: float = 0, drop_connection: bool = False, truncate: bool = False,
+                times: int | None = 1, probability: float = 1.0, seed: int | None = None,
+                project: str | None = None, expires_after: float | None = None) -> dict:
+    """A checked fault: which requests it hits and what it does to them."""
+    if not isinstance(path, str) or not path:
+        raise ValueError('path is an endpoint such as "/track", or "*" for every endpoint')
+    if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
+        raise ValueError("status must be an HTTP status, 100 to 599")
+    if retry_after is not None and (isinstance(retry_after, bool) or not isinstance(retry_after, int)
+                                    or retry_after < 0):
+        raise ValueError("retry_after must be whole seconds, 0 or more")
+    if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not 0 <= delay <= 60:
+        raise ValueError("delay must be 0 to 60 seconds")
+    if times is not None and (isinstance(times, bool) or not isinstance(times, int) or times < 1):
+        raise ValueError("times must be a whole number, 1 or more (None: every time)")
+    if isinstance(probability, bool) or not isinstance(probability, (int, float)) or not 0 <= probability <= 1:
+        raise ValueError("probability must be between 0 and 1")
+    if expires_after is not None and (not isinstance(expires_after, (int, float)) or expires_after <= 0):
+        raise ValueError("expires_after must be a number of seconds above 0")
+    if body is not None and not isinstance(body, (str, dict, list)):
+        raise ValueError("body must be text or JSON (a dict or a list)")
+    return {"id": 0, "path": path if path == "*" else _normalize_path(path), "status": status,
+            "body": body, "retry_after": retry_after, "delay": delay,
+            "drop_connection": bool(drop_connection), "truncate": bool(truncate), "times": times,
+            "probability": float(probability), "seed": seed, "rng": random.Random(seed),
+            "project": project, "expires_after": expires_after,
+            "expires_at": None if expires_after is None else time.monotonic() + expires_after,
+            "fired": 0}
+
+
+def _fault_view(fault: dict) -> dict:
+    return {k: v for k, v in fault.items() if k not in ("rng", "expires_at")}
+
+
 # =============================================================================
 # Inspection: /, /health and /__parlel/*
 # =============================================================================
@@ -4276,9 +4356,91 @@ def _parlel_add_insight(store: Store, req: _Request) -> _Response:
                                ("name", "event", "unit", "type", "on", "where", "days"))
 
 
-def _parlel_projects(store: Store, req: _Request) -> _Response:
+def _parlel_requests(store: Store, req: _Request) -> _Response:
+    """The request journal: ?path=, ?since=SEQ (a cursor), ?limit=N (the last N)."""
+    try:
+        since = int(req.param("since") or 0)
+        limit = int(req.param("limit")) if req.param("limit") else None
+    except ValueError:
+        raise ApiError(400, {"error": "since and limit must be whole numbers"}) from None
+    rows = _journal_rows(store, req.param("path"), since, _scope(store, req), limit)
+    return _json(200, {"count": len(rows), "requests": rows})
+
+
+def _journal_rows(store: Store, path: str | None, since: int, project: str | None,
+                  limit: int | None) -> list[dict]:
     with store.lock:
-        projects = [p.describe() for p in store.projects.values()]
+        entries = list(store.journal)
+    wanted = None if path is None else _normalize_path(path)
+    rows = [e for e in entries if e["seq"] > since and (wanted is None or e["path"] == wanted)
+            and (project is None or e["project"] == project)]
+    return rows[-limit:] if limit else rows
+
+
+def _parlel_faults(store: Store, req: _Request) -> _Response:
+    _scope(store, req)
+    with store.lock:
+        faults = [_fault_view(f) for f in store.faults]
+    return _json(200, {"count": len(faults), "faults": faults})
+
+
+def _parlel_add_fault(store: Store, req: _Request) -> _Response:
+    """Add a fault: JSON with the arguments of `mp.add_fault` (README)."""
+    body = _json_body(req)
+    scope = _scope(store, req)
+    if store.strict_auth:
+        body["project"] = scope
+    try:
+        fault = _make_fault(**body)
+    except (TypeError, ValueError) as exc:
+        raise ApiError(400, {"error": str(exc)}) from None
+    return _json(200, {"id": store.add_fault(fault)})
+
+
+def _parlel_clear_faults(store: Store, req: _Request) -> _Response:
+    scope = _scope(store, req)
+    with store.lock:
+        store.faults = [f for f in store.faults if scope is not None and f["project"] != scope]
+    return _json(200, {"ok": True})
+
+
+def _parlel_stats(store: Store, req: _Request) -> _Response:
+    _scope(store, req)
+    return _json(200, store.stats())
+
+
+def _parlel_snapshot(store: Store, req: _Request) -> _Response:
+    """GET: the state as JSON (?project= for one); POST: put one back."""
+    scope = _scope(store, req)
+    if req.method == "GET":
+        return _json(200, store.snapshot(scope))
+    snapshot = _json_body(req)
+    if store.strict_auth and any(p.get("token") != scope for p in snapshot.get("projects", [])):
+        raise ApiError(403, {"error": "strict auth: a snapshot may only restore your own project"})
+    try:
+        store.restore(snapshot)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ApiError(400, {"error": f"not a snapshot: {exc}"}) from None
+    return _json(200, {"ok": True})
+
+
+def _parlel_tracking_plan(store: Store, req: _Request) -> _Response:
+    """Set a project's tracking plan: {"project"?, "plan", "enforce"?}."""
+    body = _json_body(req)
+    scope = _scope(store, req) or body.get("project")
+    try:
+        project, _ = _target_state(store, scope)
+        project.tracking_plan = _check_plan(body.get("plan"))
+    except ValueError as exc:
+        raise ApiError(400, {"error": str(exc)}) from None
+    project.plan_enforce = bool(body.get("enforce", False))
+    return _json(200, {"ok": True, "project": project.token})
+
+
+def _parlel_projects(store: Store, req: _Request) -> _Response:
+    scope = _scope(store, req)
+    with store.lock:
+        projects = [p.describe() for p in store.projects.values() if scope is None or p.token == scope]
     return _json(200, {"count": len(projects), "projects": projects})
 
 
@@ -4304,6 +4466,14 @@ _ROUTES: dict[tuple[str, str], Callable[[Store, _Request], _Response]] = {
     ("GET", "/__parlel/groups"): _parlel_groups,
     ("GET", "/__parlel/rejected"): _parlel_rejected,
     ("GET", "/__parlel/projects"): _parlel_projects,
+    ("GET", "/__parlel/requests"): _parlel_requests,
+    ("GET", "/__parlel/faults"): _parlel_faults,
+    ("POST", "/__parlel/faults"): _parlel_add_fault,
+    ("DELETE", "/__parlel/faults"): _parlel_clear_faults,
+    ("GET", "/__parlel/stats"): _parlel_stats,
+    ("GET", "/__parlel/snapshot"): _parlel_snapshot,
+    ("POST", "/__parlel/snapshot"): _parlel_snapshot,
+    ("POST", "/__parlel/tracking-plan"): _parlel_tracking_plan,
     ("GET", "/__parlel/funnels"): _parlel_funnels,
     ("POST", "/__parlel/funnels"): _parlel_add_funnel,
     ("GET", "/__parlel/cohorts"): _parlel_cohorts,
@@ -4462,6 +4632,85 @@ def _gunzip(body: bytes, limit: int) -> bytes:
     return b"".join(out)
 
 
+def _fault_token(store: Store, req: _Request) -> str | None:
+    """The project a request is for, when a fault is scoped to one: its
+    credentials, else its first record's token (decoded only then)."""
+    if all(fault["project"] is None for fault in store.faults):
+        return None
+    token = _credential_token(store, req)
+    if token is not None:
+        return token
+    try:
+        records, _ = _read_records(req, ndjson=True)
+    except _PayloadError:
+        return None
+    first = records[0] if records else None
+    return _record_token(first, "events") or _record_token(first, "people")
+
+
+def _fault_response(fault: dict, req: _Request) -> _Response:
+    """A fault's answer: its body if given, else the endpoint's own error
+    shape (the SDKs read the body, not the status: sdks.md §5.4)."""
+    status = fault["status"]
+    headers = {"Retry-After": str(fault["retry_after"])} if fault["retry_after"] is not None else {}
+    message = {429: "Project exceeded rate limits. Please retry the request with exponential backoff."
+               }.get(status, "a temporary failure occurred" if status >= 500 else
+                     BaseHTTPRequestHandler.responses.get(status, ("error",))[0])
+    body = fault["body"]
+    if body is not None:
+        response = _Response(status, body.encode("utf-8") if isinstance(body, str) else _dumps(body),
+                             "application/json" if not isinstance(body, str) else "text/plain; charset=utf-8")
+    elif req.path in ("/track", "/engage", "/groups") or (req.path == "/import" and not req.is_json
+                                                          and req.param("strict") != "1"):
+        response = _ingest_answer(req, False, message, status)
+    elif req.path == "/import":
+        response = _import_failure(status, message)
+    elif req.path == "/api/2.0/export":
+        response = _Response(status, message.encode(), "text/plain; charset=utf-8")
+    elif req.path.startswith("/api/"):
+        request = req.raw_path + ("?" + req.query if req.query else "")
+        response = _json(status, {"request": request, "error": message})
+    else:
+        response = _json(status, {"error": message})
+    response.headers.update(headers)
+    return response
+
+
+def _redacted_query(query: str) -> str:
+    """The query string with secret parameters' values replaced."""
+    parts = []
+    for part in query.split("&"):
+        name, sep, _ = part.partition("=")
+        parts.append(f"{name}=<redacted>" if unquote_plus(name).lower() in _SECRET_PARAMS else part)
+    return "&".join(parts)
+
+
+def _journal_entry(handler: Any, path: str, query: str, req: _Request | None,
+                   response: _Response | None, fault: dict | None, elapsed: float) -> dict:
+    """One request as the journal keeps it: credentials never, bodies cut."""
+    headers = {}
+    for name, value in (handler.headers.items() if getattr(handler, "headers", None) else ()):
+        headers[name] = "<redacted>" if name.lower() in ("authorization", "cookie", "proxy-authorization") \
+            else value
+    if response is None:
+        shown = None
+    elif isinstance(response.body, bytes):
+        shown = response.body[:_JOURNAL_BODY].decode("utf-8", "replace")
+    else:
+        shown = "<streamed>"
+    project = None
+    if req is not None:
+        project = req.param("project") or _record_token((req.records or [None])[0], "events") or \
+            _record_token((req.records or [None])[0], "people")
+    return {"seq": 0, "time": time.time(), "method": handler.command, "path": path,
+            "query": _redacted_query(query), "headers": headers,
+            "body_size": len(req.body) if req is not None else 0,
+            "records": req.records if req is not None else None,
+            "status": response.status if response is not None else None, "response": shown,
+            "duration_ms": round(elapsed, 3), "fault": fault["id"] if fault else None,
+            "project": project}
+
+
 def _accepts_gzip(header: str) -> bool:
     """`gzip` listed in Accept-Encoding without q=0 (RFC 9110 §12.5.3)."""
     for item in header.lower().split(","):
@@ -4532,6 +4781,8 @@ class _Handler(BaseHTTPRequestHandler):
         store = self.server.store
         started = time.perf_counter()
         path, query = self.path, ""
+        request = None
+        fault = None
         try:
             try:
                 body = self._read_body()
@@ -4552,7 +4803,8 @@ class _Handler(BaseHTTPRequestHandler):
                 client = self.client_address[0] if self.client_address else ""
                 request = _Request(self.command, path, query, self.headers, body, client)
                 request.raw_path = self.path.split("?", 1)[0]
-                response = handler(store, request)
+                fault = store.take_fault(path, _fault_token(store, request)) if store.faults else None
+                response = self._fault(fault, request) if fault is not None else handler(store, request)
         except ApiError as exc:
             response = _error_response(exc)
         except ExpressionError as exc:  # found while running a query's expression
@@ -4563,9 +4815,31 @@ class _Handler(BaseHTTPRequestHandler):
             _log.exception("mixpanel_fake internal error on %s %s", self.command, self.path)
             response = _json(500, {"error": f"mixpanel_fake internal error: "
                                             f"{type(exc).__name__}: {exc}"})
-        self._send(response)
+        if response is not None:  # None: a fault dropped the connection
+            self._send(response, truncate=fault is not None and fault["truncate"])
+        for done in (request.cleanup if request is not None else ()):
+            done()
+        elapsed = (time.perf_counter() - started) * 1000
         _log.debug("%s %s -> %s in %.1f ms", self.command, self.path.split("?")[0],
-                   response.status, (time.perf_counter() - started) * 1000)
+                   response.status if response is not None else "dropped", elapsed)
+        if not (path.startswith("/__parlel/") and self.command == "GET"):
+            store.log_request(_journal_entry(self, path, query, request, response, fault, elapsed))
+
+    def _fault(self, fault: dict, request: _Request) -> _Response | None:
+        """Act out an injected fault (after the store's lock is released)."""
+        if fault["delay"]:
+            time.sleep(fault["delay"])
+        if fault["drop_connection"]:
+            self.close_connection = True
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return None
+        response = _fault_response(fault, request)
+        if fault["truncate"]:
+            self.close_connection = True
+        return response
 
     def _read_body(self) -> bytes:
         """The body per Content-Length or chunked framing, inflated if gzip."""
@@ -4653,16 +4927,18 @@ class _Handler(BaseHTTPRequestHandler):
                 headers["Access-Control-Allow-Private-Network"] = "true"
         return _Response(204, b"", "", headers)
 
-    def _send(self, response: _Response) -> None:
-        """Write status, headers and body in one write (see Nagle above)."""
+    def _send(self, response: _Response, truncate: bool = False) -> None:
+        """Write status, headers and body in one write (see Nagle above);
+        ``truncate`` (a fault) sends half the body, then closes."""
         if not isinstance(response.body, bytes):
             self._send_stream(response)
             return
         extra = {"Content-Length": str(len(response.body))} if response.status != 204 else {}
         head = self._head(response, extra)
         send_body = response.status not in (204, 304) and self.command != "HEAD"
+        body = response.body[:len(response.body) // 2] if truncate else response.body
         try:
-            self.wfile.write(head + response.body if send_body else head)
+            self.wfile.write(head + body if send_body else head)
         except OSError:
             self.close_connection = True
 
@@ -4884,6 +5160,34 @@ def _url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+def _read_state(path: str) -> dict:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def _write_state(path: str, snapshot: dict) -> None:
+    """Atomic: write a temporary file beside it, fsync, rename over it."""
+    directory = os.path.dirname(os.path.abspath(path))
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(_dumps(snapshot))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    try:  # make the rename itself durable
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 # =============================================================================
 # MixpanelFake: the server on a background thread, and the Python API
 # =============================================================================
@@ -4898,8 +5202,14 @@ class MixpanelFake:
 
     def __init__(self, host: str = _DEFAULT_HOST, port: int = 0,
                  projects: list[Project] | None = None,
-                 clock: Callable[[], float] | None = None):
-        self.store = Store(projects, clock)
+                 clock: Callable[[], float] | None = None, strict_auth: bool = False,
+                 journal_size: int = _JOURNAL_SIZE, max_events: int | None = None,
+                 rate_limits: dict | None = None, state_file: str | None = None):
+        self.store = Store(projects, clock, strict_auth, journal_size, max_events, rate_limits)
+        self.state_file = state_file
+        if state_file is not None and os.path.exists(state_file):
+            self.store.seed = _read_state(state_file)
+            self.store.restore(self.store.seed)
         self._server = _make_server(host, port, self.store)
         self.host = host
         self.port: int = self._server.server_address[1]
@@ -4931,18 +5241,24 @@ class MixpanelFake:
         return self
 
     def stop(self) -> None:
-        """Stop serving and release the port; safe to call more than once."""
+        """Stop serving and release the port; safe to call more than once.
+        With a state file, the state is saved on the first stop."""
+        first = not self._server.closing
         self._server.stop()
         if self._thread is not None:
             self._thread.join(5)
+        if first and self.state_file is not None:
+            self.save()
 
     close = stop
 
     def __enter__(self) -> MixpanelFake:
         return self.start()
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def __exit__(self, exc_type: Any, *exc_info: Any) -> None:
         self.stop()
+        if exc_type is None:
+            self.check()  # a handler's error fails the test that caused it
 
     # --- configuration ------------------------------------------------------
 
@@ -5000,9 +5316,169 @@ class MixpanelFake:
         """Every refused record: its reason, field, endpoint, project and index."""
         return [_copy(record) for record in self.store.rejected_rows(project)]
 
-    def reset(self, project: str | None = None) -> None:
-        """Forget ingested data, of one project or of all."""
-        self.store.reset(project)
+    def reset(self, project: str | None = None, empty: bool = False) -> None:
+        """Back to the seed state (a loaded state file) or, with ``empty``,
+        to nothing; of one project or of all.  The journal stays; faults go."""
+        self.store.reset(project, empty)
+
+    # --- state ------------------------------------------------------------------
+
+    def snapshot(self, project: str | None = None) -> dict:
+        """The state (of one project, or all) as JSON-ready data."""
+        return self.store.snapshot(project)
+
+    def restore(self, snapshot: dict) -> None:
+        """Put a snapshot back; projects it does not name are untouched."""
+        self.store.restore(snapshot)
+
+    def save(self, path: str | None = None) -> str:
+        """Write the state to ``path`` (default: the state file) atomically:
+        a temporary file, fsync, rename; the last good file survives a crash."""
+        target = path or self.state_file
+        if target is None:
+            raise ValueError("no state file: pass a path, or MixpanelFake(state_file=...)")
+        _write_state(target, self.store.snapshot())
+        return target
+
+    def stats(self) -> dict:
+        return self.store.stats()
+
+    # --- the journal and faults ------------------------------------------------
+
+    def requests(self, path: str | None = None, since: int | None = None,
+                 project: str | None = None, limit: int | None = None) -> list[dict]:
+        """Journaled requests (newest last): method, path, query, headers and
+        credentials redacted, body size, decoded records, status, response,
+        duration, fault.  ``since`` is a `seq` cursor: only later ones."""
+        return _copy(_journal_rows(self.store, path, since or 0, project, limit))
+
+    def add_fault(self, path: str, status: int = 503, body: Any = None,
+                  retry_after: int | None = None, delay: float = 0, drop_connection: bool = False,
+                  truncate: bool = False, times: int | None = 1, probability: float = 1.0,
+                  seed: int | None = None, project: str | None = None,
+                  expires_after: float | None = None) -> int:
+        """Make the next ``times`` requests to ``path`` ("*": any) fail; returns its id.
+
+        The default body is the endpoint's own error shape (the SDKs read
+        the body, not the status).  ``delay`` sleeps first; ``drop_connection``
+        closes the socket unanswered; ``truncate`` cuts the body in half.
+        """
+        return self.store.add_fault(_make_fault(path, status, body, retry_after, delay, drop_connection,
+                                                truncate, times, probability, seed, project,
+                                                expires_after))
+
+    def faults(self) -> list[dict]:
+        with self.store.lock:
+            return [_fault_view(f) for f in self.store.faults]
+
+    def clear_faults(self) -> None:
+        with self.store.lock:
+            self.store.faults = []
+
+    def set_tracking_plan(self, plan: dict | None, project: str | None = None,
+                          enforce: bool = False) -> None:
+        """Hold a project's events to a tracking plan (None removes it).
+
+        Violations are kept among `rejected()` (with ``stored: True``); the
+        client is told nothing unless ``enforce``, which refuses the event.
+        """
+        target, _ = _target_state(self.store, project)
+        target.tracking_plan = _check_plan(plan)
+        target.plan_enforce = bool(enforce)
+
+    # --- assertions that explain ---------------------------------------------
+
+    def assert_tracked(self, name: str, count: int | None = None, properties: dict | None = None,
+                       project: str | None = None, **props: Any) -> list[dict]:
+        """Assert that ``name`` was tracked (``count`` times exactly, if given)
+        with these properties; returns the matches.  A failure lists the
+        nearest misses: the same event with other values, similar names, and
+        refused records that would have matched, with why."""
+        wanted = dict(properties or {}, **props)
+        found = self.events(name=name, project=project, properties=wanted or None)
+        if (count is None and found) or (count is not None and len(found) == count):
+            return found
+        raise AssertionError(self._explain(name, wanted, project, count, found))
+
+    def assert_not_tracked(self, name: str, properties: dict | None = None,
+                           project: str | None = None, **props: Any) -> None:
+        wanted = dict(properties or {}, **props)
+        found = self.events(name=name, project=project, properties=wanted or None)
+        if found:
+            shown = "\n".join(f"  tracked: {_dumps(e['properties']).decode()[:300]}" for e in found[:5])
+            raise AssertionError(f"expected no event {name!r}" + (f" with {wanted}" if wanted else "")
+                                 + f"; {len(found)} arrived\n{shown}")
+
+    def assert_profile(self, distinct_id: Any, properties: dict | None = None,
+                       project: str | None = None, **props: Any) -> dict:
+        """Assert that the profile exists with these values; returns it."""
+        wanted = dict(properties or {}, **props)
+        profile = self.profile(distinct_id, project=project)
+        if profile is not None and all(k in profile and _json_equal(profile[k], v)
+                                       for k, v in wanted.items()):
+            return profile
+        lines = []
+        if profile is None:
+            lines.append(f"no profile for {distinct_id!r}")
+            ids = [str(key) for key in self.profiles(project=project)]
+            for near in difflib.get_close_matches(str(distinct_id), ids, n=3, cutoff=0.6):
+                lines.append(f"  similar id with a profile: {near!r}")
+        else:
+            lines.append(f"profile {distinct_id!r} differs from {wanted}:")
+            for key, value in wanted.items():
+                if key not in profile:
+                    lines.append(f"  {key}: missing (expected {value!r})")
+                elif not _json_equal(profile[key], value):
+                    lines.append(f"  {key}: {profile[key]!r} (expected {value!r})")
+        for record in self.rejected(project):
+            if isinstance(record["record"], dict) and record["record"].get("$distinct_id") == distinct_id:
+                lines.append(f"  refused on {record['endpoint']}: {record['reason']}")
+        raise AssertionError("\n".join(lines))
+
+    def wait_for(self, name: str | None = None, count: int = 1, timeout: float = 5,
+                 project: str | None = None, properties: dict | None = None, **props: Any) -> list[dict]:
+        """Wait until ``count`` events match; return them.  On timeout,
+        raise `WaitTimeout` with the same explanation as `assert_tracked`."""
+        wanted = dict(properties or {}, **props)
+        try:
+            return self.wait_for_events(count, timeout, name=name, project=project,
+                                        properties=wanted or None)
+        except WaitTimeout:
+            found = self.events(name=name, project=project, properties=wanted or None)
+            raise WaitTimeout(f"waited {timeout}s: " + self._explain(name, wanted, project, count, found,
+                                                                     at_least=True)) from None
+
+    def _explain(self, name: str | None, wanted: dict, project: str | None, count: int | None,
+                 found: list, at_least: bool = False) -> str:
+        """What arrived instead: the nearest misses, for a failure message."""
+        expected = "at least 1" if count is None else (f"at least {count}" if at_least else str(count))
+        lines = [f"expected {expected} event(s) {name if name is not None else '(any name)'!r}"
+                 + (f" with {wanted}" if wanted else "") + f"; found {len(found)}"]
+        everything = self.events(project=project)
+        same = [e for e in everything if name is None or e["event"] == name]
+        misses = [e for e in same if e not in found]
+        if wanted and misses:
+            lines.append(f"  {len(misses)} {name!r} event(s) arrived with other values:")
+            for event in misses[-5:]:
+                got = event["properties"]
+                differences = [f"{k}: missing (expected {v!r})" if k not in got else
+                               f"{k}: {got[k]!r} (expected {v!r})"
+                               for k, v in wanted.items() if k not in got or not _json_equal(got[k], v)]
+                lines.append(f"    distinct_id={got.get('distinct_id')!r}: " + "; ".join(differences))
+        names = sorted({e["event"] for e in everything if e["event"] != name})
+        for near in difflib.get_close_matches(name or "", names, n=3, cutoff=0.6):
+            arrived = sum(1 for e in everything if e["event"] == near)
+            lines.append(f"  similar name: {near!r} ({arrived} arrived)")
+        for record in self.rejected(project):
+            sent = record["record"]
+            if not isinstance(sent, dict) or (name is not None and sent.get("event") != name):
+                continue
+            sent_props = sent.get("properties") if isinstance(sent.get("properties"), dict) else {}
+            if all(_json_equal(sent_props.get(k), v) for k, v in wanted.items() if k in sent_props):
+                lines.append(f"  refused on {record['endpoint']} (index {record['index']}): {record['reason']}")
+        if not everything:
+            lines.append("  no event arrived at all" + (f" for project {project!r}" if project else ""))
+        return "\n".join(lines)
 
     # --- the query API, from Python ------------------------------------------
 
@@ -5039,11 +5515,15 @@ class MixpanelFake:
         query = urlencode(pairs)
         handler = _route("GET", path, query)
         request = path + ("?" + query if query else "")
+        call = _Request("GET", path, query, headers, b"")
         try:
-            response = handler(self.store, _Request("GET", path, query, headers, b""))
+            response = handler(self.store, call)
             body = response.body if isinstance(response.body, bytes) else b"".join(response.body)
         except ExpressionError as exc:
             raise ApiError(400, {"request": request, "error": f"invalid expression: {exc}"}) from None
+        finally:
+            for done in call.cleanup:
+                done()
         if response.status != 200:
             raise ApiError(response.status, body.decode("utf-8", "replace"))
         if path == "/api/2.0/export":
@@ -5120,16 +5600,59 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api-secret", default=os.environ.get("MIXPANEL_API_SECRET"),
                         help="that project's API secret (env MIXPANEL_API_SECRET)")
     parser.add_argument("--verbose", action="store_true", help="log every request to stderr")
+    parser.add_argument("--strict-auth", action="store_true",
+                        help="accept only the configured project's credentials")
+    parser.add_argument("--state-file", metavar="PATH",
+                        help="load state from PATH at start, save it there on exit (atomically)")
+    parser.add_argument("--max-events", type=int, metavar="N",
+                        help="keep at most N events per project (the oldest are dropped)")
+    parser.add_argument("--journal-size", type=int, default=_JOURNAL_SIZE, metavar="N",
+                        help="requests kept in the journal (default: %(default)s)")
+    parser.add_argument("--log-events", action="store_true",
+                        help="print one JSON line per accepted or refused record to stdout")
+    parser.add_argument("--fault", action="append", default=[], metavar="JSON",
+                        help='add a fault, e.g. \'{"path": "/track", "status": 503, "times": 2}\'')
+    parser.add_argument("--rate-limit", action="append", default=[], metavar="NAME=N",
+                        help="turn on a rate limit: " + ", ".join(_RATE_LIMITS))
+    parser.add_argument("--tracking-plan", metavar="FILE",
+                        help="a JSON tracking plan for the --token project")
+    parser.add_argument("--plan-enforce", action="store_true",
+                        help="refuse events that break the tracking plan")
     args = parser.parse_args(argv)
     if args.api_secret and not args.token:
         parser.error("--api-secret needs --token (or MIXPANEL_TOKEN)")
     if not 0 <= args.port <= 65535:
         parser.error("--port must be between 0 and 65535")
+    if args.strict_auth and not args.token and not args.state_file:
+        parser.error("--strict-auth needs a project: --token (or MIXPANEL_TOKEN) or --state-file")
+    if args.tracking_plan and not args.token:
+        parser.error("--tracking-plan needs --token")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s")
-    projects = [Project(args.token, api_secret=args.api_secret)] if args.token else []
     try:
-        server = _make_server(args.host, args.port, Store(projects))
+        plan = None
+        if args.tracking_plan:
+            with open(args.tracking_plan, encoding="utf-8") as handle:
+                plan = json.load(handle)
+        projects = [Project(args.token, api_secret=args.api_secret, tracking_plan=plan,
+                            plan_enforce=args.plan_enforce)] if args.token else []
+        limits = {}
+        for item in args.rate_limit:
+            name, _, value = item.partition("=")
+            limits[name] = int(value)
+        store = Store(projects, strict_auth=args.strict_auth, journal_size=args.journal_size,
+                      max_events=args.max_events, rate_limits=limits)
+        for text in args.fault:
+            store.add_fault(_make_fault(**json.loads(text)))
+        if args.state_file and os.path.exists(args.state_file):
+            store.seed = _read_state(args.state_file)
+            store.restore(store.seed)
+    except (OSError, ValueError, TypeError) as exc:
+        parser.error(str(exc))
+    if args.log_events:
+        store.log_sink = functools.partial(print, flush=True)
+    try:
+        server = _make_server(args.host, args.port, store)
     except OSError as exc:
         print(f"mixpanel_fake: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
@@ -5138,13 +5661,20 @@ def main(argv: list[str] | None = None) -> int:
     if not _is_loopback(args.host):
         print(f"mixpanel_fake: warning: bound to {args.host}, reachable beyond this machine; "
               "it accepts any credentials", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, _stop_on_signal)  # a clean exit saves the state file
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.stop()
+        if args.state_file:
+            _write_state(args.state_file, store.snapshot())
     return 0
+
+
+def _stop_on_signal(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
