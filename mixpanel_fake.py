@@ -33,6 +33,7 @@ import random
 import json
 import logging
 import math
+import operator
 import os
 import re
 import selectors
@@ -1336,6 +1337,7 @@ def _credential_token(store: Store, req: _Request) -> str | None:
 # Guards against expressions that could hang the server or exhaust its stack.
 _EXPR_MAX_LENGTH = 20000
 _EXPR_MAX_DEPTH = 64
+_EXPR_MAX_LIST = 1000
 _KEYWORDS = frozenset(("and", "or", "not", "in"))
 _ACCESSORS = frozenset(("properties", "user", "event", "behaviors"))
 # name -> (fewest, most) arguments; `any` binds its first argument.
@@ -1397,8 +1399,14 @@ def _tokenize(text: str) -> list[tuple[str, Any, int]]:
             what = "unterminated string" if value in "\"'" else f"unexpected character {value!r}"
             raise ExpressionError(what, text, match.start())
         if kind == "number":
-            number = float(value)
-            value = int(value) if value.isdigit() else number
+            if len(value) > 1000:
+                raise ExpressionError("number out of range", text, match.start())
+            if value.isdigit():
+                value = int(value)
+            else:
+                value = float(value)
+                if not math.isfinite(value):
+                    raise ExpressionError("number out of range", text, match.start())
         elif kind == "string":
             value = _ESCAPE_RE.sub(lambda m: _ESCAPES.get(m.group(1), m.group(1)), value[1:-1])
         elif kind == "name" and value.lower() in _KEYWORDS:
@@ -1418,6 +1426,7 @@ class _Parser:
         self.index = 0
         self.depth = 0
         self.bound: list[str] = []  # names bound by any(V, ...)
+        self.in_any = False
 
     @property
     def current(self) -> tuple[str, Any, int]:
@@ -1557,6 +1566,8 @@ class _Parser:
                 items.append(self.parse_nested_or())
                 while self.accept("punct", ","):
                     items.append(self.parse_nested_or())
+                    if len(items) > _EXPR_MAX_LIST:
+                        raise ExpressionError(f"list longer than {_EXPR_MAX_LIST} items", self.text, position)
                 self.expect("punct", "]", "',' or ']'")
             self.depth -= 1
             return ("list", tuple(items))
@@ -1590,6 +1601,8 @@ class _Parser:
         self.expect("punct", "(", "'('")
         args = []
         if function == "any":
+            if self.in_any:
+                raise ExpressionError("any() cannot be nested", self.text, position)
             var_kind, var, _ = self.current
             if var_kind != "name":
                 self.fail("a variable name as the first argument of any()")
@@ -1598,7 +1611,9 @@ class _Parser:
             args.append(self.parse_nested_or())
             self.expect("punct", ",", "','")
             self.bound.append(var)
+            self.in_any = True
             args.append(self.parse_nested_or())
+            self.in_any = False
             self.bound.pop()
             self.expect("punct", ")", "')'")
             return ("any", var, args[0], args[1])
@@ -1745,8 +1760,15 @@ def _fn_string(value: Any, default: Any = _UNDEF) -> Any:
     if kind == "datetime":
         return _iso_seconds(value.ts) or _UNDEF
     if kind in ("list", "object"):
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=_json_default)
     return value if default is _UNDEF else default  # null and undefined
+
+
+def _json_default(value: Any) -> Any:
+    """JSON text for values only expressions make (undefined, datetimes)."""
+    if isinstance(value, _Moment):
+        return _iso_seconds(value.ts)
+    return None
 
 
 def _fn_number(value: Any) -> Any:
@@ -1791,7 +1813,12 @@ def _fn_datetime(value: Any) -> Any:
 
 def _rounding(function: Callable[[float], float]) -> Callable[[Any], Any]:
     def apply(value: Any) -> Any:
-        return function(value) if _kind(value) == "number" else _UNDEF
+        if _kind(value) != "number":
+            return _UNDEF
+        try:
+            return function(value)
+        except (OverflowError, ValueError):
+            return _UNDEF
     return apply
 
 
@@ -1924,7 +1951,7 @@ def _compile_index(base: Callable, keys: list[Callable]) -> Callable[[dict, _Sco
             k = key(props, scope)
             if isinstance(container, dict) and isinstance(k, str):
                 container = container.get(k, _UNDEF)
-            elif (isinstance(container, list) and _kind(k) == "number" and math.isfinite(k)
+            elif (isinstance(container, list) and _kind(k) == "number" and abs(k) < 2 ** 53
                   and float(k).is_integer() and -len(container) <= int(k) < len(container)):
                 container = container[int(k)]
             else:
@@ -1987,14 +2014,13 @@ def _fuse(op: str, name: str, constant: Any) -> Callable[[dict, _Scope], Any] | 
                                          and get(props, name) == constant)
         return lambda props, scope: not (type(get(props, name)) in _NUMBER_TYPES
                                          and get(props, name) == constant)
-    if op in ("<", "<=", ">", ">=") and _kind(constant) == "number" and abs(constant) <= _MAX_DOUBLE:
-        compare = {"<": float.__lt__, "<=": float.__le__, ">": float.__gt__, ">=": float.__ge__}[op]
-        threshold = float(constant)
+    if op in ("<", "<=", ">", ">=") and _kind(constant) == "number":
+        compare = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}[op]
 
         def ordered(props: dict, scope: _Scope) -> Any:
             value = get(props, name, _UNDEF)
             if type(value) in _NUMBER_TYPES:
-                return compare(float(value), threshold)
+                return compare(value, constant)  # exact, even for huge ints
             return _UNDEF
         return ordered
     return None
@@ -2079,7 +2105,7 @@ class _Expression:
         self.value = _with_scope(_compile(node))
         self.matches = _compile_test(node)
         flat = repr(node)
-        self.uses_user = "'prop', 'user'" in flat
+        self.uses_user = "'prop', 'user'" in flat or "'prop', 'event', '$event_name'" in flat
         self.uses_behaviors = "'prop', 'behaviors'" in flat
 
 
@@ -2774,6 +2800,9 @@ _EXPORT_MAX_LIMIT = 100000
 _ENGAGE_PAGE_SIZE = 1000
 _ENGAGE_SESSIONS = 64          # frozen engage result sets kept per project
 _UNITS = ("minute", "hour", "day", "week", "month")
+# Guards against answers too big to be useful (a minute series over years).
+_MAX_BUCKETS = 50000
+_MAX_CELLS = 2_000_000  # segments x buckets
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _NOT_EMULATED = ("jql", "stream/query")
 
@@ -2962,6 +2991,11 @@ class _Query:
         last = self.date("to_date", required=True)
         if first > last:
             raise self.error(400, "from_date cannot be later than to_date")
+        per_day = {"minute": 1440, "hour": 24}.get(str(self.params.get("unit")), 1)
+        buckets = ((last - first).days + 1) * per_day
+        if buckets > _MAX_BUCKETS:
+            raise self.error(400, f"the range holds {buckets} time buckets; the fake answers at most "
+                                  f"{_MAX_BUCKETS}: shorten it or use a larger unit")
         return first, last
 
     def date(self, name: str, required: bool = False) -> datetime.date:
@@ -2974,7 +3008,7 @@ class _Query:
             value = datetime.date.fromisoformat(text)
         except ValueError:
             raise self.error(400, f"Error in {name}: invalid date") from None
-        if value.year < 2000:
+        if not 2000 <= value.year <= 2100:
             raise self.error(400, f"Error in {name}: invalid date, bad year")
         return value
 
@@ -3085,11 +3119,12 @@ class _Buckets:
         self.labels: dict[int, str] = {}
 
     def local(self, ts: float) -> float:
-        hour = int(ts // 3600)
-        offset = self.offsets.get(hour)
+        # Offsets change on quarter hours at most (Lord Howe moves by 30 min).
+        quarter = int(ts // 900)
+        offset = self.offsets.get(quarter)
         if offset is None:
-            moment = datetime.datetime.fromtimestamp(hour * 3600, self.tz)
-            offset = self.offsets[hour] = moment.utcoffset().total_seconds()
+            moment = datetime.datetime.fromtimestamp(quarter * 900, self.tz)
+            offset = self.offsets[quarter] = moment.utcoffset().total_seconds()
         return ts + offset
 
     def label(self, ts: float) -> str:
@@ -3202,6 +3237,9 @@ def _top(values: dict[str, dict[str, Any]], limit: int) -> dict[str, dict[str, A
 
 
 def _fill(values: dict[str, dict[str, Any]], series: list[str]) -> dict[str, dict[str, Any]]:
+    if len(values) * len(series) > _MAX_CELLS:
+        raise ApiError(400, {"error": f"{len(values)} segments x {len(series)} buckets is more than the "
+                                      f"fake answers ({_MAX_CELLS}): lower limit or shorten the range"})
     return {key: {label: counts.get(label, 0) for label in series} for key, counts in values.items()}
 
 
@@ -3404,6 +3442,8 @@ def _engage_behaviors(q: _Query) -> dict[str, dict[Any, int]] | None:
         tests = []
         for selector in selectors:
             text = selector.get("selector")
+            if text is not None and not isinstance(text, str):
+                raise q.error(400, "a behavior's selector must be an expression (text)")
             try:
                 tests.append((selector["event"], _compile_expression(text) if text else None))
             except ExpressionError as exc:
@@ -3527,6 +3567,8 @@ def _events_properties(store: Store, req: _Request) -> _Response:
     unit = q.choice("unit", _UNITS, "day")
     limit = q.integer("limit", 255, low=1)
     only = q.json_value("values")
+    if only is not None and (not isinstance(only, list) or not all(isinstance(v, str) for v in only)):
+        raise q.error(400, "values must be a JSON array of strings")
     first, last = q.date_range()
     start, end = q.bounds(first, last)
     buckets = _Buckets(unit, q.tz)
@@ -3626,8 +3668,8 @@ def _segmentation_numeric(store: Store, req: _Request) -> _Response:
     numbers = []
     for event, person in rows:
         value = on.value(event["properties"], q.scope(on, event, person))
-        if _kind(value) == "number" and math.isfinite(value):
-            numbers.append((value, event, person))
+        if _kind(value) == "number" and abs(value) <= 1e300:
+            numbers.append((float(value), event, person))
     if not numbers:
         return _json(200, {"data": {"series": [], "values": {}}, "legend_size": 0})
     low = min(n for n, _, _ in numbers)
@@ -3635,9 +3677,12 @@ def _segmentation_numeric(store: Store, req: _Request) -> _Response:
     width = _nice_width((high - low) / count if high > low else 1)
     base = math.floor(low / width) * width
 
+    last = max(0, math.ceil((high - base) / width - 1e-9) - 1)
+
     def label(value: float) -> str:
-        lo = base + math.floor((value - base) / width) * width
-        return f"{_group_digits(lo)} - {_group_digits(lo + width)}"
+        slot = min(math.floor((value - base) / width + 1e-9), last)
+        lo = round(base + slot * width, 10)
+        return f"{_group_digits(lo)} - {_group_digits(round(lo + width, 10))}"
     ranges = {id(e): label(n) for n, e, _ in numbers}
     picked = [(e, p) for _, e, p in numbers]
     values = _count_series(picked, buckets, kind, lambda e, p: [ranges[id(e)]])
@@ -4070,13 +4115,14 @@ def _not_emulated(store: Store, req: _Request) -> _Response:
 
 def _target_state(store: Store, token: str | None) -> tuple[Project, _ProjectState]:
     """The named project, or the only one there is."""
-    if token is None:
-        with store.lock:
-            tokens = list(store.projects)
-        if len(tokens) != 1:
-            raise ValueError(f"pass project=TOKEN: the fake has {len(tokens)} projects")
-        token = tokens[0]
     with store.lock:
+        if token is None:
+            tokens = list(store.projects)
+            if len(tokens) != 1:
+                raise ValueError(f"pass project=TOKEN: the fake has {len(tokens)} projects")
+            token = tokens[0]
+        if token not in store.projects:
+            raise ValueError(f"no project {token!r}: add it (Project(...)) or send it data first")
         return store._project_locked(token)
 
 
@@ -4373,7 +4419,8 @@ def _journal_rows(store: Store, path: str | None, since: int, project: str | Non
         entries = list(store.journal)
     wanted = None if path is None else _normalize_path(path)
     rows = [e for e in entries if e["seq"] > since and (wanted is None or e["path"] == wanted)
-            and (project is None or e["project"] == project)]
+            and (project is None or e["projects"] == [project]
+                 or (not e["projects"] and e["project"] == project))]
     return rows[-limit:] if limit else rows
 
 
@@ -4698,17 +4745,21 @@ def _journal_entry(handler: Any, path: str, query: str, req: _Request | None,
         shown = response.body[:_JOURNAL_BODY].decode("utf-8", "replace")
     else:
         shown = "<streamed>"
+    projects: set = set()
     project = None
     if req is not None:
-        project = req.param("project") or _record_token((req.records or [None])[0], "events") or \
-            _record_token((req.records or [None])[0], "people")
+        for record in req.records or ():
+            token = _record_token(record, "events") or _record_token(record, "people")
+            if token is not None:
+                projects.add(token)
+        project = req.param("project") or (next(iter(projects)) if len(projects) == 1 else None)
     return {"seq": 0, "time": time.time(), "method": handler.command, "path": path,
             "query": _redacted_query(query), "headers": headers,
             "body_size": len(req.body) if req is not None else 0,
             "records": req.records if req is not None else None,
             "status": response.status if response is not None else None, "response": shown,
             "duration_ms": round(elapsed, 3), "fault": fault["id"] if fault else None,
-            "project": project}
+            "project": project, "projects": sorted(projects)}
 
 
 def _accepts_gzip(header: str) -> bool:
@@ -4808,22 +4859,24 @@ class _Handler(BaseHTTPRequestHandler):
         except ApiError as exc:
             response = _error_response(exc)
         except ExpressionError as exc:  # found while running a query's expression
-            request = path + ("?" + query if query else "")
-            response = _json(400, {"request": request, "error": f"invalid expression: {exc}"})
+            echoed = path + ("?" + query if query else "")
+            response = _json(400, {"request": echoed, "error": f"invalid expression: {exc}"})
         except Exception as exc:  # a bug in the fake: answer, record, re-raise in check()
             store.record_error(exc)
             _log.exception("mixpanel_fake internal error on %s %s", self.command, self.path)
             response = _json(500, {"error": f"mixpanel_fake internal error: "
                                             f"{type(exc).__name__}: {exc}"})
+        elapsed = (time.perf_counter() - started) * 1000
+        # Journaled before the answer goes out, so a client that has its
+        # answer can already read the entry.
+        if not (path.startswith("/__parlel/") and self.command == "GET"):
+            store.log_request(_journal_entry(self, path, query, request, response, fault, elapsed))
         if response is not None:  # None: a fault dropped the connection
             self._send(response, truncate=fault is not None and fault["truncate"])
         for done in (request.cleanup if request is not None else ()):
             done()
-        elapsed = (time.perf_counter() - started) * 1000
         _log.debug("%s %s -> %s in %.1f ms", self.command, self.path.split("?")[0],
                    response.status if response is not None else "dropped", elapsed)
-        if not (path.startswith("/__parlel/") and self.command == "GET"):
-            store.log_request(_journal_entry(self, path, query, request, response, fault, elapsed))
 
     def _fault(self, fault: dict, request: _Request) -> _Response | None:
         """Act out an injected fault (after the store's lock is released)."""

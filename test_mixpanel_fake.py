@@ -19,6 +19,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import unittest
@@ -1551,7 +1552,7 @@ class TestSegmentation(_QueryTestCase):
     def test_numeric_buckets(self):
         body = self.seg("segmentation/numeric", event="Signed Up", on='properties["amount"]', buckets=3)
         self.assertEqual(body["data"], {"series": ["2026-11-10"],
-                                        "values": {"5 - 10": {"2026-11-10": 1}, "20 - 25": {"2026-11-10": 1}}})
+                                        "values": {"5 - 10": {"2026-11-10": 1}, "15 - 20": {"2026-11-10": 1}}})
 
     def test_runtime_expression_error_is_400(self):
         status, body = _qj("segmentation", {"event": "Signed Up", "from_date": "2026-11-10", "to_date": "2026-11-10",
@@ -2203,6 +2204,403 @@ class TestOddInputs(_ServerTestCase):
                                                                    "0.0.0.0", "", "10.0.0.1")],
                          [True, True, True, False, False, False])
         self.assertEqual(mixpanel_fake._url("::", 80), "http://[::1]:80")
+
+
+# =============================================================================
+# The test toolkit (issue #5)
+# =============================================================================
+
+
+class TestStrictAuth(unittest.TestCase):
+    """Strict auth: configured credentials only; projects never see each other."""
+
+    def setUp(self):
+        self.fake = MixpanelFake(strict_auth=True, projects=[
+            Project("tokA", project_id=1, api_secret="secA"),
+            Project("tokB", project_id=2, api_secret="secB", service_accounts={"sa.b": "pw"})]).start()
+        self.addCleanup(self.fake.stop)
+        self.fake.set_time(T0)
+
+    def http(self, method, path, body=None, headers=None):
+        status, _, raw = _http(method, path, body, headers, port=self.fake.port)
+        try:
+            return status, json.loads(raw)
+        except ValueError:
+            return status, raw
+
+    def test_track_with_an_unknown_token_answers_1_and_stores_nothing(self):
+        # mixpanel-node #59: a token naming no project still gets 1.
+        self.assertEqual(self.http("POST", "/track", json.dumps(_event(token="nope"))), (200, 1))
+        self.assertEqual(self.fake.events(), [])
+        (record,) = self.fake.rejected()
+        self.assertEqual((record["dropped"], record["reason"][:21]), (True, "unknown project token"))
+
+    def test_import_needs_configured_credentials(self):
+        body = json.dumps([_full(token="tokA")])
+        self.assertEqual(self.http("POST", "/import", body), (401, {
+            "code": 401, "error": "Invalid credentials", "status": "Unauthorized"}))
+        self.assertEqual(self.http("POST", "/import", body, _basic("secX"))[0], 401)
+        self.assertEqual(self.http("POST", "/import", body, _basic("secA"))[1]["num_records_imported"], 1)
+        status, answer = self.http("POST", "/import", json.dumps([_full(token="tokB")]), _basic("secA"))
+        self.assertEqual(answer["failed_records"][0]["message"],
+                         "token names another project than the request's credentials")
+
+    def test_queries_need_credentials(self):
+        self.assertEqual(self.http("GET", "/api/2.0/events/names?type=general")[0], 401)
+        self.assertEqual(self.http("GET", "/api/2.0/events/names?type=general&project_id=1")[0], 401)
+        self.assertEqual(self.http("GET", "/api/2.0/events/names?type=general", headers=_basic("secA"))[0], 200)
+        self.assertEqual(self.http("GET", "/api/2.0/events/names?type=general&project_id=2",
+                                   headers=_basic("sa.b", "pw"))[0], 200)
+
+    def test_two_projects_never_see_each_other(self):
+        self.http("POST", "/track", json.dumps([_event("A only", token="tokA", distinct_id="a")]))
+        self.http("POST", "/track", json.dumps([_event("B only", token="tokB", distinct_id="b")]))
+        self.http("POST", "/engage", json.dumps([{"$token": "tokA", "$distinct_id": "a", "$set": {"x": 1}},
+                                                 {"$token": "tokB", "$distinct_id": "b", "$set": {"x": 2}}]))
+        as_a = _basic("tokA")
+        for path in ("/__parlel/events", "/__parlel/people", "/__parlel/groups", "/__parlel/rejected",
+                     "/__parlel/projects", "/__parlel/requests", "/__parlel/snapshot"):
+            with self.subTest(path):
+                status, body = self.http("GET", path, headers=as_a)
+                self.assertEqual(status, 200)
+                text = json.dumps(body)
+                self.assertNotIn("B only", text)
+                self.assertNotIn("tokB", text)
+                self.assertEqual(self.http("GET", path)[0], 401)
+                self.assertEqual(self.http("GET", path + "?project=tokB", headers=as_a)[0], 403)
+        names = self.http("GET", "/api/2.0/events/names?type=general", headers=_basic("secA"))[1]
+        self.assertEqual(names, ["A only"])
+        rows = self.http("GET", "/api/2.0/export?from_date=2026-11-14&to_date=2026-11-14", headers=_basic("secA"))[1]
+        self.assertNotIn(b"B only", rows)
+        self.http("POST", "/__parlel/reset", headers=as_a)
+        self.assertEqual([e["event"] for e in self.fake.events()], ["B only"])
+
+
+class TestJournal(_ServerTestCase):
+
+    def test_requests_are_journaled_with_secrets_redacted(self):
+        since = (MP.requests() or [{"seq": 0}])[-1]["seq"]
+        _http("POST", "/import?api_key=k3y&verbose=1", _form(data=json.dumps([_full()]), api_secret="s3cr3t"),
+              _basic("very-secret-user", "pw"))
+        (entry,) = MP.requests(since=since)
+        self.assertEqual((entry["method"], entry["path"], entry["status"], entry["fault"]), ("POST", "/import", 200, None))
+        self.assertEqual(entry["query"], "api_key=<redacted>&verbose=1")
+        self.assertEqual(entry["headers"]["Authorization"], "<redacted>")
+        self.assertEqual([r["event"] for r in entry["records"]], ["Imported"])
+        self.assertEqual(entry["response"], '{"status":1,"error":null}')
+        text = json.dumps(MP.requests()) + _http("GET", "/__parlel/requests")[2].decode()
+        for secret in ("k3y", "s3cr3t", "very-secret-user"):
+            self.assertNotIn(secret, text)
+
+    def test_since_cursor_and_path_filter_over_http(self):
+        _http("GET", "/health")
+        cursor = MP.requests()[-1]["seq"]
+        _http("POST", "/track", json.dumps(_event()))
+        _http("POST", "/engage", json.dumps({"$token": TOKEN, "$distinct_id": "u", "$set": {"a": 1}}))
+        status, body = _json("GET", f"/__parlel/requests?since={cursor}&path=/track")
+        self.assertEqual([r["path"] for r in body["requests"]], ["/track"])
+        self.assertEqual(_json("GET", f"/__parlel/requests?since={cursor}&limit=1")[1]["requests"][0]["path"],
+                         "/engage")
+
+    def test_the_journal_is_bounded_and_survives_reset(self):
+        with MixpanelFake(journal_size=3) as fake:
+            for _ in range(5):
+                _http("GET", "/health", port=fake.port)
+            fake.reset()
+            self.assertEqual([r["seq"] for r in fake.requests()], [3, 4, 5])
+
+
+class TestFaults(_ServerTestCase):
+
+    def test_status_fault_with_the_endpoint_error_shape(self):
+        MP.add_fault("/track", status=503, times=2, retry_after=7)
+        first = _http("POST", "/track?verbose=1", json.dumps(_event()))
+        self.assertEqual((first[0], first[1]["retry-after"], json.loads(first[2])),
+                         (503, "7", {"status": 0, "error": "a temporary failure occurred"}))
+        self.assertEqual(_http("POST", "/track", json.dumps(_event()))[::2], (503, b"0"))
+        self.assertEqual(_http("POST", "/track", json.dumps(_event()))[::2], (200, b"1"))
+        self.assertEqual(len(MP.events()), 1)
+        self.assertEqual(MP.faults(), [])
+        fired = [r["fault"] for r in MP.requests(path="/track")[-3:]]
+        self.assertEqual((fired[0] is not None, fired[1] == fired[0], fired[2]), (True, True, None))
+
+    def test_import_and_query_shapes_and_custom_body(self):
+        MP.add_fault("/import", status=429, times=1)
+        self.assertEqual(_json("POST", "/import", json.dumps([_full()])), (429, {
+            "code": 429, "error": "Project exceeded rate limits. Please retry the request with exponential backoff.",
+            "status": "Too Many Requests"}))
+        MP.add_fault("/api/2.0/segmentation", status=500, body={"oops": True})
+        self.assertEqual(_json("GET", "/api/query/segmentation?event=x"), (500, {"oops": True}))
+
+    def test_drop_truncate_delay_probability_and_project(self):
+        MP.add_fault("/health", drop_connection=True)
+        with self.assertRaises((http.client.RemoteDisconnected, ConnectionError)):
+            _http("GET", "/health")
+        MP.add_fault("/track", status=503, truncate=True, body="0123456789")
+        reply = _raw_request(b"POST /track HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        self.assertTrue(reply.endswith(b"\r\n\r\n01234"), reply[-30:])
+        MP.add_fault("*", status=418, probability=0.5, seed=7, times=None)
+        statuses = [_http("GET", "/health")[0] for _ in range(20)]
+        self.assertEqual(set(statuses), {200, 418})
+        MP.clear_faults()
+        MP.add_fault("/track", status=503, project="other_tok", times=None)
+        self.assertEqual(_http("POST", "/track", json.dumps(_event()))[0], 200)
+        self.assertEqual(_http("POST", "/track", json.dumps(_event(token="other_tok")))[0], 503)
+
+    def test_faults_over_http(self):
+        status, body = _json("POST", "/__parlel/faults", json.dumps({"path": "/engage", "status": 502}))
+        self.assertEqual(status, 200)
+        self.assertEqual(_json("GET", "/__parlel/faults")[1]["faults"][0]["id"], body["id"])
+        self.assertEqual(_json("POST", "/__parlel/faults", json.dumps({"path": "/x", "status": 9}))[1],
+                         {"error": "status must be an HTTP status, 100 to 599"})
+        self.assertEqual(_json("DELETE", "/__parlel/faults"), (200, {"ok": True}))
+        self.assertEqual(MP.faults(), [])
+
+    def test_python_sdk_raises_twice_then_succeeds(self):
+        _require(mixpanel is not None, "the Python mixpanel SDK is not installed "
+                                       "(pip install -r conformance/requirements.txt)", self)
+        MP.set_time(None)
+        client = mixpanel.Mixpanel(TOKEN, consumer=mixpanel.Consumer(retry_limit=0, **MP.urls))
+        MP.add_fault("/track", status=503, times=2)
+        for _ in range(2):
+            with self.assertRaises(mixpanel.MixpanelException) as caught:
+                client.track("u", "Faulted")
+            self.assertIn("a temporary failure occurred", str(caught.exception))
+        client.track("u", "Faulted")
+        self.assertEqual(len(MP.events(name="Faulted")), 1)
+
+    def test_node_sdk_callback_sees_the_error(self):
+        _require(_node_available(), "node or conformance/node_modules/mixpanel is missing", self)
+        MP.add_fault("/track", status=503, times=1)
+        env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy")}
+        request = {"url": MP.url, "token": TOKEN, "config": {},
+                   "calls": [["track", "N", {"distinct_id": "u"}], ["track", "N", {"distinct_id": "u"}]]}
+        proc = subprocess.run(["node", NODE_DRIVER], input=json.dumps(request), capture_output=True,
+                              text=True, timeout=60, env=env)
+        results = json.loads(proc.stdout)["results"]
+        self.assertEqual([r["error"] for r in results], ["Mixpanel Server Error: 0", None])
+
+
+def _raw_request(data, port=None):
+    sock = socket.create_connection(("127.0.0.1", port or MP.port), timeout=5)
+    try:
+        sock.sendall(data)
+        chunks = []
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        sock.close()
+
+
+class TestRateLimits(unittest.TestCase):
+
+    def test_ingestion_and_query_limits_answer_429_with_retry_after(self):
+        with MixpanelFake(projects=[Project("rl")], rate_limits={"events_per_minute": 3, "queries_per_hour": 2,
+                                                                   "concurrent_queries": 5}) as fake:
+            fake.set_time(T0)
+            ok = _http("POST", "/track", json.dumps([_event(token="rl")] * 3), port=fake.port)
+            self.assertEqual(ok[::2], (200, b"1"))
+            status, headers, body = _http("POST", "/track?verbose=1", json.dumps(_event(token="rl")), port=fake.port)
+            self.assertEqual((status, json.loads(body)["error"]), (429, "Project exceeded rate limits. Please retry "
+                                                                        "the request with exponential backoff."))
+            self.assertGreaterEqual(int(headers["retry-after"]), 1)
+            query = "/api/2.0/events/names?type=general"
+            for _ in range(2):
+                self.assertEqual(_http("GET", query, headers=_basic("rl"), port=fake.port)[0], 200)
+            status, headers, body = _http("GET", query, headers=_basic("rl"), port=fake.port)
+            self.assertEqual(status, 429)
+            self.assertEqual(json.loads(body)["error"],
+                             f"Query rate limit exceeded for project_id: {Project('rl').project_id}. 0/5 queries "
+                             "running concurrently and 3/2 queries running in the last hour. For more information, "
+                             "please consult our documentation at https://help.mixpanel.com/hc/en-us/articles/"
+                             "115004602563-Rate-Limits-for-Export-API-Endpoints")
+            self.assertIn("retry-after", headers)
+
+    def test_off_by_default_and_checked(self):
+        with self.assertRaises(ValueError):
+            MixpanelFake(rate_limits={"bogus": 1})
+
+
+class TestAssertions(_ServerTestCase):
+
+    def test_assert_tracked_passes_and_counts(self):
+        _post("/track", [_event("Signed Up", plan="pro"), _event("Signed Up", plan="pro")])
+        self.assertEqual(len(MP.assert_tracked("Signed Up", plan="pro")), 2)
+        MP.assert_tracked("Signed Up", count=2, properties={"plan": "pro"})
+        MP.assert_not_tracked("Signed Up", plan="free")
+
+    def test_failure_lists_the_nearest_misses(self):
+        _post("/track", [_event("Signed Up", distinct_id="u1", plan="free", seats=3),
+                         _event("Signed up", distinct_id="u2", plan="pro"),
+                         {"event": "Signed Up", "properties": {"plan": "pro"}}])  # no token: refused
+        with self.assertRaises(AssertionError) as caught:
+            MP.assert_tracked("Signed Up", plan="pro", seats=3)
+        self.assertEqual(str(caught.exception), "\n".join([
+            "expected at least 1 event(s) 'Signed Up' with {'plan': 'pro', 'seats': 3}; found 0",
+            "  1 'Signed Up' event(s) arrived with other values:",
+            "    distinct_id='u1': plan: 'free' (expected 'pro')",
+            "  similar name: 'Signed up' (1 arrived)",
+            "  refused on /track (index 2): token, missing or empty"]))
+
+    def test_wrong_count_and_not_tracked(self):
+        _post("/track", [_event("Paid")])
+        with self.assertRaises(AssertionError) as caught:
+            MP.assert_tracked("Paid", count=2)
+        self.assertTrue(str(caught.exception).startswith("expected 2 event(s) 'Paid'; found 1"))
+        with self.assertRaises(AssertionError) as caught:
+            MP.assert_not_tracked("Paid")
+        self.assertTrue(str(caught.exception).startswith("expected no event 'Paid'; 1 arrived"))
+
+    def test_assert_profile(self):
+        _engage_as("user-1", {"$set": {"plan": "pro"}, "$ignore_time": True})
+        self.assertEqual(MP.assert_profile("user-1", plan="pro"), {"plan": "pro"})
+        with self.assertRaises(AssertionError) as caught:
+            MP.assert_profile("user-1", plan="free", seats=2)
+        self.assertEqual(str(caught.exception), "profile 'user-1' differs from {'plan': 'free', 'seats': 2}:\n"
+                                                "  plan: 'pro' (expected 'free')\n  seats: missing (expected 2)")
+        with self.assertRaises(AssertionError) as caught:
+            MP.assert_profile("user-l")
+        self.assertEqual(str(caught.exception), "no profile for 'user-l'\n  similar id with a profile: 'user-1'")
+
+    def test_wait_for_returns_or_explains(self):
+        timer = threading.Timer(0.1, _post, ("/track", [_event("Late", step=2)]))
+        timer.start()
+        self.addCleanup(timer.cancel)
+        self.assertEqual(len(MP.wait_for("Late", step=2, timeout=5)), 1)
+        with self.assertRaises(WaitTimeout) as caught:
+            MP.wait_for("Late", count=2, timeout=0.1)
+        self.assertTrue(str(caught.exception).startswith("waited 0.1s: expected at least 2 event(s) 'Late'; found 1"))
+
+    def test_exit_reraises_a_handler_error(self):
+        with self.assertRaises(ZeroDivisionError):
+            with MixpanelFake() as fake:
+                fake.store.record_error(ZeroDivisionError("in a handler"))
+        with self.assertRaises(KeyError):  # the block's own error wins
+            with MixpanelFake() as fake:
+                fake.store.record_error(ZeroDivisionError("in a handler"))
+                raise KeyError("from the test")
+
+
+class TestTrackingPlan(_ServerTestCase):
+    PLAN = {"events": {"Signed Up": {"required": {"plan": "string", "seats": "number"},
+                                     "optional": {"coupon": "string"}}}, "additional_events": False}
+
+    def setUp(self):
+        super().setUp()
+        MP.add_project(Project("plan_tok"))
+        self.addCleanup(MP.set_tracking_plan, None, "plan_tok")
+        self.addCleanup(MP.reset, "plan_tok")
+
+    def test_violations_are_reported_but_stored(self):
+        MP.set_tracking_plan(self.PLAN, project="plan_tok")
+        self.assertEqual(_post("/track", [_event("Signed Up", token="plan_tok", plan="pro", seats="3"),
+                                          _event("Sined Up", token="plan_tok")]), (200, 1))
+        self.assertEqual(len(MP.events(project="plan_tok")), 2)
+        self.assertEqual([(r["stored"], r["reason"]) for r in MP.rejected("plan_tok")], [
+            (True, "tracking plan: property 'seats' should be number, got string"),
+            (True, "tracking plan: event 'Sined Up' is not in the tracking plan")])
+
+    def test_enforced_plan_refuses(self):
+        status, body = _json("POST", "/__parlel/tracking-plan", json.dumps(
+            {"project": "plan_tok", "plan": self.PLAN, "enforce": True}))
+        self.assertEqual(status, 200)
+        self.assertEqual(_post("/track?verbose=1", [_event("Signed Up", token="plan_tok", plan="pro")]),
+                         (200, {"status": 0, "error": "tracking plan: missing required property 'seats' (number)"}))
+        self.assertEqual(MP.events(project="plan_tok"), [])
+
+
+class TestState(unittest.TestCase):
+
+    def test_snapshot_restore_and_reset_to_seed(self):
+        with MixpanelFake() as fake:
+            fake.set_time(T0)
+            _post_to(fake, "/track", [_event("Kept", distinct_id="d")])
+            _http("POST", "/engage", json.dumps({"$token": TOKEN, "$distinct_id": "d", "$set": {"a": 1}}),
+                  port=fake.port)
+            snap = fake.snapshot()
+            json.dumps(snap)  # JSON-ready
+            fake.reset(empty=True)
+            self.assertEqual(fake.events(), [])
+            fake.restore(snap)
+            self.assertEqual([e["event"] for e in fake.events()], ["Kept"])
+            self.assertEqual(fake.profile("d")["a"], 1)
+
+    def test_state_file_load_save_and_seed(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "state.json")
+        with MixpanelFake(state_file=path) as fake:
+            fake.set_time(T0)
+            _post_to(fake, "/track", [_event("Seeded")])
+        self.assertTrue(os.path.exists(path))  # saved on exit
+        with MixpanelFake(state_file=path) as fake:
+            self.assertEqual([e["event"] for e in fake.events()], ["Seeded"])
+            fake.set_time(T0)
+            _post_to(fake, "/track", [_event("Extra")])
+            fake.reset()
+            self.assertEqual([e["event"] for e in fake.events()], ["Seeded"])  # back to the seed
+            fake.reset(empty=True)
+            self.assertEqual(fake.events(), [])
+
+    def test_a_killed_write_leaves_the_previous_file_intact(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "state.json")
+        fake = MixpanelFake(state_file=path)
+        fake.set_time(T0)
+        fake.store.add_events([(TOKEN, _event("First")["properties"] and
+                                {"event": "First", "properties": {"token": TOKEN, "time": T0}})], [])
+        fake.save()
+        before = open(path, "rb").read()
+        fake.store.add_events([(TOKEN, {"event": "Second", "properties": {"token": TOKEN, "time": T0}})], [])
+        original = os.fsync
+
+        def crash(descriptor):
+            raise OSError("killed mid-write")
+        os.fsync = crash
+        try:
+            with self.assertRaises(OSError):
+                fake.save()
+        finally:
+            os.fsync = original
+        self.assertEqual(open(path, "rb").read(), before)
+        self.assertEqual(os.listdir(directory), ["state.json"])
+        with MixpanelFake(state_file=path) as again:
+            self.assertEqual([e["event"] for e in again.events()], ["First"])
+        fake.state_file = None
+        fake.stop()
+
+    def test_max_events_holds_memory_flat(self):
+        import tracemalloc
+        with MixpanelFake(max_events=500, journal_size=2) as fake:
+            fake.set_time(T0)
+            batch = json.dumps([_event("Loop", n=i, pad="x" * 200) for i in range(200)])
+            conn = http.client.HTTPConnection("127.0.0.1", fake.port, timeout=10)
+            self.addCleanup(conn.close)
+            tracemalloc.start()
+            self.addCleanup(tracemalloc.stop)
+
+            def send(times):
+                for _ in range(times):
+                    conn.request("POST", "/track", body=batch)
+                    conn.getresponse().read()
+                return tracemalloc.get_traced_memory()[0]
+            warm = send(20)
+            later = send(60)
+            self.assertLess(later, warm * 1.3 + 200_000)
+            self.assertLessEqual(len(fake.events()), 500)
+            self.assertEqual(fake.stats()["dropped_events"], 16000 - len(fake.events()))
+
+
+def _post_to(fake, path, records):
+    return _http("POST", path, json.dumps(records), {"Content-Type": "application/json"}, port=fake.port)
 
 
 # =============================================================================
