@@ -2754,6 +2754,30 @@ class TestCli(unittest.TestCase):
         _, _, body = _http("GET", "/__parlel/events?project=envtok", port=port)
         self.assertEqual(json.loads(body)["count"], 1)
 
+    def test_toolkit_options(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        state = os.path.join(directory, "state.json")
+        fault = json.dumps({"path": "/engage", "status": 502, "times": 1})
+        proc, line = self.run_cli("--port", "0", "--token", "cli_tok", "--strict-auth", "--log-events",
+                                  "--state-file", state, "--max-events", "100", "--fault", fault,
+                                  "--rate-limit", "queries_per_hour=50")
+        port = int(line.rsplit(":", 1)[1])
+        self.assertEqual(_http("POST", "/track", json.dumps(_event("Logged", token="cli_tok")), port=port)[2], b"1")
+        self.assertEqual(_http("POST", "/track", json.dumps(_event("Other", token="nope")), port=port)[2], b"1")
+        logged = [json.loads(proc.stdout.readline()) for _ in range(2)]
+        self.assertEqual([(row["accepted"], row.get("event")) for row in logged],
+                         [(True, "Logged"), (False, None)])
+        self.assertEqual(_http("POST", "/engage", json.dumps({"$token": "cli_tok", "$distinct_id": "u",
+                                                              "$set": {"a": 1}}), port=port)[0], 502)
+        self.assertEqual(_http("GET", "/__parlel/events", port=port)[0], 401)  # strict
+        status, _, body = _http("GET", "/__parlel/stats", headers=_basic("cli_tok"), port=port)
+        self.assertEqual((json.loads(body)["max_events"], json.loads(body)["strict_auth"]), (100, True))
+        proc.terminate()
+        proc.wait(10)
+        saved = json.load(open(state))
+        self.assertEqual([e["event"] for e in saved["states"]["cli_tok"]["events"]], ["Logged"])
+
     def test_bad_arguments(self):
         result = subprocess.run([sys.executable, os.path.join(HERE, "mixpanel_fake.py"), "--api-secret", "s"],
                                 capture_output=True, text=True, timeout=30,
