@@ -605,6 +605,11 @@ class Store:
                                                _Reject(None, prefix + error), now))
             self._reject_locked(rejected)
             self._changed_locked()
+        if self.log_sink is not None:
+            for update in updates:
+                self.log_sink(_dumps({"accepted": True, "project": update.token,
+                                      "update": update.record}).decode("utf-8", "replace"))
+            _log_records(self.log_sink, [], rejected)
         return applied
 
     def reset(self, project: str | None = None, empty: bool = False) -> None:
