@@ -1487,13 +1487,17 @@ class _Parser:
 
     def parse_not(self) -> tuple:
         # `not` binds looser than comparisons: not "a" in x == not ("a" in x).
+        return self.parse_prefix("keyword", "not", "not", self.parse_compare)
+
+    def parse_prefix(self, kind: str, value: str, tag: str, operand: Callable[[], tuple]) -> tuple:
+        """A prefix operator (`not`, unary `-`), any number of times."""
         position = self.current[2]
-        if self.accept("keyword", "not"):
-            self.nested(position)
-            node = ("not", self.parse_not())
-            self.depth -= 1
-            return node
-        return self.parse_compare()
+        if not self.accept(kind, value):
+            return operand()
+        self.nested(position)
+        node = (tag, self.parse_prefix(kind, value, tag, operand))
+        self.depth -= 1
+        return node
 
     def parse_compare(self) -> tuple:
         node = self.parse_sum()
@@ -1529,13 +1533,7 @@ class _Parser:
         return ("math", first, tuple(rest)) if rest else first
 
     def parse_unary(self) -> tuple:
-        position = self.current[2]
-        if self.accept("op", "-"):
-            self.nested(position)
-            node = ("neg", self.parse_unary())
-            self.depth -= 1
-            return node
-        return self.parse_postfix()
+        return self.parse_prefix("op", "-", "neg", self.parse_postfix)
 
     def parse_postfix(self) -> tuple:
         node = self.parse_primary()

@@ -70,6 +70,32 @@ def _http(method, path, body=None, headers=None, port=None, timeout=10):
         conn.close()
 
 
+def _raw_request(data, port=None, timeout=5, whole_answer=False):
+    """Send raw bytes; read until the server closes (or, with ``whole_answer``,
+    until one complete response has arrived)."""
+    sock = socket.create_connection(("127.0.0.1", port or MP.port), timeout=timeout)
+    try:
+        sock.sendall(data)
+        received = b""
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                break
+            if not chunk:
+                break
+            received += chunk
+            head, found, rest = received.partition(b"\r\n\r\n")
+            if whole_answer and found:
+                length = [int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")]
+                if not length or len(rest) >= length[0]:
+                    break
+        return received
+    finally:
+        sock.close()
+
+
 def _json(method, path, body=None, headers=None):
     status, _, raw = _http(method, path, body, headers)
     return status, json.loads(raw)
@@ -2042,25 +2068,7 @@ class TestOddInputs(_ServerTestCase):
     """Inputs that once broke the fake: each answers cleanly, loses nothing."""
 
     def raw(self, data, timeout=5):
-        sock = socket.create_connection(("127.0.0.1", MP.port), timeout=timeout)
-        self.addCleanup(sock.close)
-        sock.sendall(data)
-        chunks = []
-        while True:
-            try:
-                chunk = sock.recv(65536)
-            except socket.timeout:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-            if b"\r\n\r\n" in b"".join(chunks):
-                head, _, rest = b"".join(chunks).partition(b"\r\n\r\n")
-                length = [int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                          if line.lower().startswith(b"content-length:")]
-                if not length or len(rest) >= length[0]:
-                    break
-        return b"".join(chunks)
+        return _raw_request(data, timeout=timeout, whole_answer=True)
 
     def test_numbers_beyond_a_double(self):
         self.assertEqual(_json("POST", "/track?verbose=1", b'[{"event":"e","properties":{"token":"t","x":1e400}}]'),
@@ -2379,24 +2387,6 @@ class TestFaults(_ServerTestCase):
                               text=True, timeout=60, env=env)
         results = json.loads(proc.stdout)["results"]
         self.assertEqual([r["error"] for r in results], ["Mixpanel Server Error: 0", None])
-
-
-def _raw_request(data, port=None):
-    sock = socket.create_connection(("127.0.0.1", port or MP.port), timeout=5)
-    try:
-        sock.sendall(data)
-        chunks = []
-        while True:
-            try:
-                chunk = sock.recv(65536)
-            except socket.timeout:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        sock.close()
 
 
 class TestRateLimits(unittest.TestCase):
