@@ -1241,10 +1241,6 @@ def _json(status: int, value: Any, headers: dict[str, str] | None = None) -> _Re
     return _Response(status, _dumps(value), "application/json", headers)
 
 
-def _text(status: int, text: str, content_type: str = "text/plain; charset=utf-8") -> _Response:
-    return _Response(status, text.encode("utf-8"), content_type)
-
-
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -2807,7 +2803,6 @@ _UNITS = ("minute", "hour", "day", "week", "month")
 _MAX_BUCKETS = 50000
 _MAX_CELLS = 2_000_000  # segments x buckets
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-_NOT_EMULATED = ("jql", "stream/query")
 
 
 class _Query:
