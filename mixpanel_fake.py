@@ -4276,6 +4276,50 @@ def _dedup(rows: list[tuple[int, str, dict]]) -> list[tuple[int, str, dict]]:
     return [rows[position] for position in keep]
 
 
+def _stored_events(store: Store, name: str | None = None, distinct_id: Any = None,
+                   project: str | None = None, properties: dict | None = None,
+                   dedup: bool = False) -> list[dict]:
+    """Stored events as ``{"event", "properties"}`` (copies), filtered."""
+    rows = store.event_rows(project)
+    if dedup:
+        rows = _dedup(rows)
+    return [{"event": event["event"], "properties": _copy(event["properties"])}
+            for _, _, event in rows if _event_matches(event, name, distinct_id, properties)]
+
+
+def _explain_missing(store: Store, name: str | None, wanted: dict, project: str | None,
+                 count: int | None, found: list, at_least: bool = False) -> str:
+    """What arrived instead: the nearest misses, for a failure message."""
+    expected = "at least 1" if count is None else (f"at least {count}" if at_least else str(count))
+    lines = [f"expected {expected} event(s) {name if name is not None else '(any name)'!r}"
+             + (f" with {wanted}" if wanted else "") + f"; found {len(found)}"]
+    everything = _stored_events(store, project=project)
+    same = [e for e in everything if name is None or e["event"] == name]
+    misses = [e for e in same if e not in found]
+    if wanted and misses:
+        lines.append(f"  {len(misses)} {name!r} event(s) arrived with other values:")
+        for event in misses[-5:]:
+            got = event["properties"]
+            differences = [f"{k}: missing (expected {v!r})" if k not in got else
+                           f"{k}: {got[k]!r} (expected {v!r})"
+                           for k, v in wanted.items() if k not in got or not _json_equal(got[k], v)]
+            lines.append(f"    distinct_id={got.get('distinct_id')!r}: " + "; ".join(differences))
+    names = sorted({e["event"] for e in everything if e["event"] != name})
+    for near in difflib.get_close_matches(name or "", names, n=3, cutoff=0.6):
+        arrived = sum(1 for e in everything if e["event"] == near)
+        lines.append(f"  similar name: {near!r} ({arrived} arrived)")
+    for record in store.rejected_rows(project):
+        sent = record["record"]
+        if not isinstance(sent, dict) or (name is not None and sent.get("event") != name):
+            continue
+        sent_props = sent.get("properties") if isinstance(sent.get("properties"), dict) else {}
+        if all(_json_equal(sent_props.get(k), v) for k, v in wanted.items() if k in sent_props):
+            lines.append(f"  refused on {record['endpoint']} (index {record['index']}): {record['reason']}")
+    if not everything:
+        lines.append("  no event arrived at all" + (f" for project {project!r}" if project else ""))
+    return "\n".join(lines)
+
+
 def _root(store: Store, req: _Request) -> _Response:
     """What this server is: the seed's contract plus the endpoint list."""
     return _json(200, {
@@ -4482,6 +4526,61 @@ def _parlel_tracking_plan(store: Store, req: _Request) -> _Response:
     return _json(200, {"ok": True, "project": project.token})
 
 
+def _expectation(store: Store, req: _Request) -> tuple[str | None, dict, str | None, int | None]:
+    """?event=, ?properties={json}, ?project=, ?count= of /__parlel/assert and /wait."""
+    try:
+        wanted = _loads(req.param("properties") or "{}")
+        count = int(req.param("count")) if req.param("count") else None
+    except ValueError:
+        raise ApiError(400, {"error": "properties must be a JSON object and count a whole number"}) from None
+    if not isinstance(wanted, dict) or (count is not None and count < 0):
+        raise ApiError(400, {"error": "properties must be a JSON object and count a whole number"})
+    return req.param("event"), wanted, _scope(store, req), count
+
+
+def _wait_events(store: Store, count: int, timeout: float, matching: Callable[[], list]) -> list:
+    """Wait on the store's Condition (never a sleep loop) until ``matching()``
+    returns ``count`` events or ``timeout`` passes; returns the last answer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with store.lock:
+            version = store.version
+        found = matching()
+        remaining = deadline - time.monotonic()
+        if len(found) >= count or remaining <= 0:
+            return found
+        with store.changed:
+            store.changed.wait_for(lambda: store.version != version, min(remaining, 3600))
+
+
+def _parlel_assert(store: Store, req: _Request) -> _Response:
+    """`mp.assert_tracked` over HTTP: 200 when it holds, 417 with the
+    explanation (the nearest misses) when it does not."""
+    name, wanted, project, count = _expectation(store, req)
+    found = _stored_events(store, name, None, project, wanted or None)
+    if (count is None and found) or (count is not None and len(found) == count):
+        return _json(200, {"ok": True, "count": len(found)})
+    message = _explain_missing(store, name, wanted, project, count, found)
+    return _json(417, {"ok": False, "count": len(found), "message": message})
+
+
+def _parlel_wait(store: Store, req: _Request) -> _Response:
+    """`mp.wait_for` over HTTP: waits (up to 60 s) for ?count= events (default
+    1); 200 with them, or 408 with the explanation."""
+    name, wanted, project, count = _expectation(store, req)
+    count = 1 if count is None else count
+    try:
+        timeout = min(max(float(req.param("timeout") or 5), 0.0), 60.0)
+    except ValueError:
+        raise ApiError(400, {"error": "timeout must be a number of seconds"}) from None
+    found = _wait_events(store, count, timeout,
+                         lambda: _stored_events(store, name, None, project, wanted or None))
+    if len(found) >= count:
+        return _json(200, {"ok": True, "count": len(found), "events": found})
+    message = _explain_missing(store, name, wanted, project, count, found, at_least=True)
+    return _json(408, {"ok": False, "count": len(found), "message": f"waited {timeout}s: {message}"})
+
+
 def _parlel_projects(store: Store, req: _Request) -> _Response:
     scope = _scope(store, req)
     with store.lock:
@@ -4512,6 +4611,8 @@ _ROUTES: dict[tuple[str, str], Callable[[Store, _Request], _Response]] = {
     ("GET", "/__parlel/rejected"): _parlel_rejected,
     ("GET", "/__parlel/projects"): _parlel_projects,
     ("GET", "/__parlel/requests"): _parlel_requests,
+    ("GET", "/__parlel/assert"): _parlel_assert,
+    ("GET", "/__parlel/wait"): _parlel_wait,
     ("GET", "/__parlel/faults"): _parlel_faults,
     ("POST", "/__parlel/faults"): _parlel_add_fault,
     ("DELETE", "/__parlel/faults"): _parlel_clear_faults,
@@ -5334,11 +5435,7 @@ class MixpanelFake:
         """
         if properties is not None and not isinstance(properties, dict):
             raise TypeError("properties must be a dict of property values")
-        rows = self.store.event_rows(project)
-        if dedup:
-            rows = _dedup(rows)
-        return [{"event": event["event"], "properties": _copy(event["properties"])}
-                for _, _, event in rows if _event_matches(event, name, distinct_id, properties)]
+        return _stored_events(self.store, name, distinct_id, project, properties, dedup)
 
     def canonical(self, distinct_id: Any, project: str | None = None) -> str | None:
         """The canonical id of ``distinct_id``'s identity cluster (itself when
@@ -5501,35 +5598,7 @@ class MixpanelFake:
 
     def _explain(self, name: str | None, wanted: dict, project: str | None, count: int | None,
                  found: list, at_least: bool = False) -> str:
-        """What arrived instead: the nearest misses, for a failure message."""
-        expected = "at least 1" if count is None else (f"at least {count}" if at_least else str(count))
-        lines = [f"expected {expected} event(s) {name if name is not None else '(any name)'!r}"
-                 + (f" with {wanted}" if wanted else "") + f"; found {len(found)}"]
-        everything = self.events(project=project)
-        same = [e for e in everything if name is None or e["event"] == name]
-        misses = [e for e in same if e not in found]
-        if wanted and misses:
-            lines.append(f"  {len(misses)} {name!r} event(s) arrived with other values:")
-            for event in misses[-5:]:
-                got = event["properties"]
-                differences = [f"{k}: missing (expected {v!r})" if k not in got else
-                               f"{k}: {got[k]!r} (expected {v!r})"
-                               for k, v in wanted.items() if k not in got or not _json_equal(got[k], v)]
-                lines.append(f"    distinct_id={got.get('distinct_id')!r}: " + "; ".join(differences))
-        names = sorted({e["event"] for e in everything if e["event"] != name})
-        for near in difflib.get_close_matches(name or "", names, n=3, cutoff=0.6):
-            arrived = sum(1 for e in everything if e["event"] == near)
-            lines.append(f"  similar name: {near!r} ({arrived} arrived)")
-        for record in self.rejected(project):
-            sent = record["record"]
-            if not isinstance(sent, dict) or (name is not None and sent.get("event") != name):
-                continue
-            sent_props = sent.get("properties") if isinstance(sent.get("properties"), dict) else {}
-            if all(_json_equal(sent_props.get(k), v) for k, v in wanted.items() if k in sent_props):
-                lines.append(f"  refused on {record['endpoint']} (index {record['index']}): {record['reason']}")
-        if not everything:
-            lines.append("  no event arrived at all" + (f" for project {project!r}" if project else ""))
-        return "\n".join(lines)
+        return _explain_missing(self.store, name, wanted, project, count, found, at_least)
 
     # --- the query API, from Python ------------------------------------------
 
@@ -5606,19 +5675,10 @@ class MixpanelFake:
             raise ValueError("n must be a whole number of events, 0 or more")
         if not isinstance(timeout, (int, float)) or math.isnan(timeout) or timeout < 0:
             raise ValueError("timeout must be a number of seconds, 0 or more")
-        store = self.store
-        deadline = time.monotonic() + min(timeout, _MAX_WAIT)
-        while True:
-            with store.lock:
-                version = store.version
-            found = self.events(**filters)
-            if len(found) >= n:
-                return found
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise WaitTimeout(self._explain_wait(n, timeout, filters, found))
-            with store.changed:
-                store.changed.wait_for(lambda: store.version != version, min(remaining, 3600))
+        found = _wait_events(self.store, n, min(timeout, _MAX_WAIT), lambda: self.events(**filters))
+        if len(found) >= n:
+            return found
+        raise WaitTimeout(self._explain_wait(n, timeout, filters, found))
 
     def _explain_wait(self, n: int, timeout: float, filters: dict, found: list) -> str:
         everything = self.events(project=filters.get("project"))

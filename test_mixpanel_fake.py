@@ -2478,6 +2478,25 @@ class TestAssertions(_ServerTestCase):
                 raise KeyError("from the test")
 
 
+class TestHttpAssertions(_ServerTestCase):
+    """The assertions over HTTP, for tests written in other languages."""
+
+    def test_assert_and_wait(self):
+        _post("/track", [_event("Signed Up", plan="free")])
+        query = urllib.parse.urlencode({"event": "Signed Up", "properties": json.dumps({"plan": "pro"})})
+        status, body = _json("GET", "/__parlel/assert?" + query)
+        self.assertEqual((status, body["ok"], body["count"]), (417, False, 0))
+        self.assertIn("plan: 'free' (expected 'pro')", body["message"])
+        self.assertEqual(_json("GET", "/__parlel/assert?event=Signed+Up&count=1"), (200, {"ok": True, "count": 1}))
+        timer = threading.Timer(0.1, _post, ("/track", [_event("Later")]))
+        timer.start()
+        self.addCleanup(timer.cancel)
+        status, body = _json("GET", "/__parlel/wait?event=Later&timeout=5")
+        self.assertEqual((status, body["count"]), (200, 1))
+        status, body = _json("GET", "/__parlel/wait?event=Never&timeout=0.1")
+        self.assertEqual((status, body["message"][:50]), (408, "waited 0.1s: expected at least 1 event(s) 'Never';"))
+
+
 class TestTrackingPlan(_ServerTestCase):
     PLAN = {"events": {"Signed Up": {"required": {"plan": "string", "seats": "number"},
                                      "optional": {"coupon": "string"}}}, "additional_events": False}
