@@ -41,6 +41,7 @@ import signal
 import socket
 import socketserver
 import sys
+import tempfile
 import threading
 import time
 import zlib
@@ -252,15 +253,20 @@ def _check_plan(plan: Any) -> dict | None:
     if not isinstance(plan, dict) or not isinstance(plan.get("events"), dict):
         raise ValueError('a tracking plan is {"events": {name: {"required": {...}, "optional": {...}}}}')
     unknown = set(plan) - {"events", "additional_events"}
+    if not isinstance(plan.get("additional_events", True), bool):
+        raise ValueError("additional_events is true or false")
     if unknown:
         raise ValueError(f"unknown tracking plan keys: {', '.join(sorted(unknown))}")
     for name, spec in plan["events"].items():
         if not isinstance(spec, dict) or set(spec) - {"required", "optional", "additional_properties"}:
             raise ValueError(f"tracking plan event {name!r}: keys are required, optional, "
                              "additional_properties")
+        if not isinstance(spec.get("additional_properties", True), bool):
+            raise ValueError(f"tracking plan event {name!r}: additional_properties is true or false")
         for part in ("required", "optional"):
             types = spec.get(part, {})
-            if not isinstance(types, dict) or any(t not in _PLAN_TYPES for t in types.values()):
+            if not isinstance(types, dict) or any(not isinstance(t, str) or t not in _PLAN_TYPES
+                                                  for t in types.values()):
                 raise ValueError(f"tracking plan event {name!r}: {part} maps property names to one of "
                                  f"{', '.join(_PLAN_TYPES)}")
     return plan
@@ -449,9 +455,15 @@ class Store:
         # Strict auth: only configured projects and credentials (README).
         self.strict_auth = strict_auth
         # The request journal: a bounded ring of what came in and went out.
-        self.journal: collections.deque = collections.deque(maxlen=max(journal_size, 1))
+        if isinstance(journal_size, bool) or not isinstance(journal_size, int) or journal_size < 1:
+            raise ValueError("journal_size must be a whole number, 1 or more")
+        self.journal: collections.deque = collections.deque(maxlen=journal_size)
         self.journal_seq = 0
+        self.reset_seq = 0  # the journal's seq at the last reset
         self.faults: list[dict] = []
+        if max_events is not None and (isinstance(max_events, bool) or not isinstance(max_events, int)
+                                       or max_events < 1):
+            raise ValueError("max_events must be a whole number, 1 or more")
         self.max_events = max_events
         self.dropped = 0  # events dropped to honour max_events
         self.rate_limits = _check_rate_limits(rate_limits or {})
@@ -459,6 +471,8 @@ class Store:
         self._running: dict[str, int] = {}
         self.seed: dict | None = None  # the state reset() returns to
         self.log_sink: Callable[[str], None] | None = None
+        self.stopping = threading.Event()  # set by stop(): waits and fault delays end
+        self.state_file: str | None = None
         for project in projects or ():
             self.add_project(project)
 
@@ -552,7 +566,7 @@ class Store:
     def _trim_locked(self, state: _ProjectState) -> None:
         """Drop the oldest events, down to 90% of max_events, in new lists
         (readers iterating the old ones are not disturbed)."""
-        keep = int(self.max_events * 0.9)
+        keep = max(1, int(self.max_events * 0.9))  # the newest event always stays
         drop = len(state.events) - keep
         state.events = state.events[drop:]
         state.event_ids = state.event_ids[drop:]
@@ -567,7 +581,7 @@ class Store:
             record["seq"] = self._next_id
             self._next_id += 1
             token = record["project"]
-            if token is None:
+            if token is None or (self.strict_auth and token not in self.projects):
                 # No project could be named: keep it where a global read sees it.
                 self.states.setdefault("", _ProjectState()).rejected.append(record)
             else:
@@ -606,9 +620,11 @@ class Store:
             self._reject_locked(rejected)
             self._changed_locked()
         if self.log_sink is not None:
+            refused = {id(r["record"]) for r in rejected}
             for update in updates:
-                self.log_sink(_dumps({"accepted": True, "project": update.token,
-                                      "update": update.record}).decode("utf-8", "replace"))
+                if id(update.record) not in refused:
+                    self.log_sink(_dumps({"accepted": True, "project": update.token,
+                                          "update": update.record}).decode("utf-8", "replace"))
             _log_records(self.log_sink, [], rejected)
         return applied
 
@@ -616,7 +632,7 @@ class Store:
         """Back to the seed state (the loaded state file), or to nothing with
         ``empty``; of one project or of all.  The projects stay known, the
         journal stays, faults go.  Old state is freed off the caller's path."""
-        seed = None if empty or self.seed is None else _states_from_snapshot(self.seed)
+        seed = None if empty or self.seed is None else _read_snapshot(self.seed)[1]
         with self.lock:
             old = self.states
             if project is None:
@@ -628,7 +644,10 @@ class Store:
             else:
                 self.states = dict(old)
                 self.states[project] = (seed or {}).get(project) or _ProjectState()
-                self.faults = [f for f in self.faults if f["project"] not in (None, project)]
+                self.faults = [f for f in self.faults if f["project"] != project]
+            self._rate_windows = {key: value for key, value in self._rate_windows.items()
+                                  if project is not None and key[0] != project}
+            self.reset_seq = self.journal_seq
             self._changed_locked()
         _discard(old)
 
@@ -646,16 +665,18 @@ class Store:
 
     def restore(self, snapshot: dict) -> None:
         """Put a snapshot's projects and state back (others are untouched)."""
-        if not isinstance(snapshot, dict) or snapshot.get("format") != _SNAPSHOT_FORMAT:
-            raise ValueError(f"not a mixpanel_fake snapshot (format {_SNAPSHOT_FORMAT!r})")
-        projects = [Project(**settings) for settings in snapshot["projects"]]
-        states = _states_from_snapshot(snapshot)
+        projects, states = _read_snapshot(snapshot)
         with self.lock:
             old = self.states
             self.states = dict(old)
             for project in projects:
                 self.projects[project.token] = project
                 self.states[project.token] = states.get(project.token) or _ProjectState()
+            # Ids go on from the highest restored one: arrival order stays true.
+            for state in states.values():
+                highest = max(state.event_ids[-1:] + [r.get("seq", 0) for r in state.rejected[-1:]],
+                              default=0)
+                self._next_id = max(self._next_id, highest + 1)
             self._changed_locked()
 
     # --- journal, faults and rate limits --------------------------------------
@@ -684,8 +705,9 @@ class Store:
                 if fault["expires_at"] is not None and now >= fault["expires_at"]:
                     self.faults.remove(fault)
                     continue
-                if fault["path"] not in ("*", path):
-                    continue
+                if fault["path"] != path and (fault["path"] != "*" or path == "/health"
+                                              or path.startswith("/__parlel/")):
+                    continue  # "*" never blocks the control API a test needs to recover
                 if fault["project"] is not None and fault["project"] != token:
                     continue
                 if fault["probability"] < 1 and fault["rng"].random() >= fault["probability"]:
@@ -698,23 +720,27 @@ class Store:
                 return dict(fault)
         return None
 
-    def rate_check(self, token: str, kind: str, cost: int = 1) -> tuple[int, int, float] | None:
-        """Count ``cost`` against a project's limit of ``kind``; when that
-        would pass it, (used, limit, seconds until room) and nothing counted."""
-        limit_window = self.rate_limits.get(kind)
-        if limit_window is None:
-            return None
-        limit, window = limit_window
+    def rate_check(self, token: str, kinds: tuple, cost: int = 1) -> tuple[int, int, float, str] | None:
+        """Count ``cost`` against a project's limits of ``kinds``; when that
+        would pass one, (used, limit, seconds until room, kind), none counted."""
         now = time.monotonic()
         with self.lock:
-            stamps = self._rate_windows.setdefault((token, kind), collections.deque())
-            while stamps and stamps[0][0] <= now - window:
-                stamps.popleft()
-            used = sum(n for _, n in stamps)
-            if used + cost > limit:
-                wait = stamps[0][0] + window - now if stamps else window
-                return used, limit, max(wait, 0.001)
-            stamps.append((now, cost))
+            windows = []
+            for kind in kinds:
+                limit_window = self.rate_limits.get(kind)
+                if limit_window is None or limit_window[1] is None:
+                    continue
+                limit, window = limit_window
+                stamps = self._rate_windows.setdefault((token, kind), collections.deque())
+                while stamps and stamps[0][0] <= now - window:
+                    stamps.popleft()
+                used = sum(n for _, n in stamps)
+                if used + cost > limit:
+                    wait = stamps[0][0] + window - now if stamps else window
+                    return used, limit, max(wait, 0.001), kind
+                windows.append(stamps)
+            for stamps in windows:
+                stamps.append((now, cost))
         return None
 
     def running(self, token: str, change: int) -> int:
@@ -724,10 +750,10 @@ class Store:
             self._running[token] = count
             return count
 
-    def stats(self) -> dict:
+    def stats(self, project: str | None = None) -> dict:
         with self.lock:
-            states = list(self.states.items())
-            return {"projects": len(self.projects),
+            states = self._states(project)
+            return {"projects": len(self.projects) if project is None else len(states),
                     "events": sum(len(s.events) for _, s in states),
                     "profiles": sum(len(s.profiles) for _, s in states),
                     "groups": sum(len(s.groups) for _, s in states),
@@ -831,6 +857,61 @@ def _state_to_data(refs: dict) -> dict:
     return data
 
 
+def _read_snapshot(snapshot: Any) -> tuple[list[Project], dict[str, _ProjectState]]:
+    """Projects and states from a snapshot, every part checked: anything
+    malformed is a ValueError naming it, never a store that breaks later."""
+    if not isinstance(snapshot, dict) or snapshot.get("format") != _SNAPSHOT_FORMAT:
+        raise ValueError(f"not a mixpanel_fake snapshot (format {_SNAPSHOT_FORMAT!r})")
+    settings = snapshot.get("projects")
+    states = snapshot.get("states", {})
+    if not isinstance(settings, list) or not all(isinstance(p, dict) for p in settings):
+        raise ValueError("snapshot: projects must be a list of objects")
+    if not isinstance(states, dict) or not all(isinstance(v, dict) for v in states.values()):
+        raise ValueError("snapshot: states must map tokens to objects")
+    try:
+        projects = [Project(**p) for p in settings]
+        for project in projects:
+            if not all(isinstance(k, str) and isinstance(v, str)
+                       for k, v in project.service_accounts.items()):
+                raise ValueError("service accounts map names to secrets (text)")
+        for token, data in states.items():
+            _check_state_data(data)
+        built = _states_from_snapshot(snapshot)
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise ValueError(f"snapshot: {exc}") from None
+    return projects, built
+
+
+def _check_state_data(data: dict) -> None:
+    events = data.get("events", [])
+    if not isinstance(events, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("event"), str) and isinstance(e.get("properties"), dict)
+            and isinstance(e["properties"].get("time"), (int, float)) for e in events):
+        raise ValueError("events must be {event, properties with a numeric time}")
+    ids = data.get("event_ids")
+    if ids is not None and (not isinstance(ids, list) or len(ids) != len(events)
+                            or not all(isinstance(i, int) for i in ids)):
+        raise ValueError("event_ids must be one whole number per event")
+    for table in ("profiles", "funnels", "cohorts", "annotations", "insights", "identity"):
+        value = data.get(table, {})
+        if not isinstance(value, dict) or (table != "identity" and not all(
+                isinstance(v, dict) for v in value.values())):
+            raise ValueError(f"{table} must be an object of objects")
+    for key in ("funnels", "annotations", "insights"):
+        if not all(str(k).lstrip("-").isdigit() for k in data.get(key, {})):
+            raise ValueError(f"{key} ids must be whole numbers")
+    groups = data.get("groups", [])
+    if not isinstance(groups, list) or not all(
+            isinstance(g, list) and len(g) == 3 and isinstance(g[2], dict) for g in groups):
+        raise ValueError("groups must be [group_key, group_id, properties] rows")
+    if not isinstance(data.get("rejected", []), list):
+        raise ValueError("rejected must be a list")
+    identity = data.get("identity", {})
+    for part in ("canonical", "members", "device_owner", "identified", "aliases"):
+        if not isinstance(identity.get(part, {}), dict):
+            raise ValueError(f"identity.{part} must be an object")
+
+
 def _states_from_snapshot(snapshot: dict) -> dict[str, _ProjectState]:
     """Fresh project states from snapshot data (copies: the snapshot stays reusable)."""
     states = {}
@@ -870,9 +951,9 @@ def _log_records(sink: Callable[[str], None], accepted: list, rejected: list) ->
         sink(_dumps({"accepted": True, "project": token, "event": event["event"],
                      "properties": event["properties"]}).decode("utf-8", "replace"))
     for record in rejected:
-        sink(_dumps({"accepted": False, "project": record["project"], "endpoint": record["endpoint"],
-                     "index": record["index"], "reason": record["reason"],
-                     "record": record["record"]}).decode("utf-8", "replace"))
+        sink(_dumps({"accepted": False, "stored": record["stored"], "project": record["project"],
+                     "endpoint": record["endpoint"], "index": record["index"],
+                     "reason": record["reason"], "record": record["record"]}).decode("utf-8", "replace"))
 
 
 def _first(row: tuple) -> Any:
@@ -2352,11 +2433,11 @@ def _check_token(token: str, store: Store, authenticated: str | None) -> None:
     record must belong to the project its credentials name."""
     if not store.strict_auth:
         return
+    if authenticated is not None and token != authenticated:
+        raise _Reject("properties.token", "token names another project than the request's credentials")
     if token not in store.projects:
         raise _Ignored("unknown project token: with strict auth it is dropped, and the client "
                        "is answered as Mixpanel answers it")
-    if authenticated is not None and token != authenticated:
-        raise _Reject("properties.token", "token names another project than the request's credentials")
 
 
 def _normalize_event_time(props: dict, batch: _Batch) -> None:
@@ -2580,7 +2661,11 @@ def _refuse_request(store: Store, req: _Request, endpoint: str, message: str) ->
     """Keep a whole refused request in the refusals, so a test can see it:
     index None, and the payload as text (cut at 2000 characters)."""
     data = req.param("data") if not req.is_json else None
-    payload = data if data is not None else req.body.decode("utf-8", "replace")
+    if data is None:
+        text = req.body.decode("utf-8", "replace")
+        payload = text if req.is_json else _redacted_query(text)  # a form may hold secrets
+    else:
+        payload = data
     reject = _Reject("data", message)
     store.add_events([], [_rejection(endpoint, _credential_token(store, req), None,
                                      payload[:2000], reject, store.now())])
@@ -2625,6 +2710,7 @@ def _ingest_events(store: Store, req: _Request, endpoint: str) -> _Response:
                             "events", len(records))
     if limited is not None:
         message = "Project exceeded rate limits. Please retry the request with exponential backoff."
+        _refuse_request(store, req, endpoint, f"rate limit: {message}")
         answer = _import_failure(429, message) if json_answer else _ingest_answer(req, False, message, 429)
         answer.headers["Retry-After"] = limited
         return answer
@@ -2670,7 +2756,7 @@ def _rate_limited(store: Store, token: str | None, kind: str, cost: int) -> str 
     """The Retry-After (seconds, as text) when a rate limit refuses this."""
     if token is None or not store.rate_limits:
         return None
-    over = store.rate_check(token, kind, cost)
+    over = store.rate_check(token, (kind,), cost)
     return None if over is None else str(max(1, math.ceil(over[2])))
 
 
@@ -2680,15 +2766,17 @@ def _plan_check(store: Store, token: str, event: dict, endpoint: str, index: int
     kept among the refusals; the event is stored anyway (the client is told
     nothing) unless the plan is enforced.  Returns whether to store it."""
     project = store.projects.get(token)
-    if project is None or project.tracking_plan is None:
+    plan = project.tracking_plan if project is not None else None
+    if plan is None:
         return True
-    problems = _plan_violations(project.tracking_plan, event["event"], event["properties"])
+    enforce = project.plan_enforce  # read once: it may change meanwhile
+    problems = _plan_violations(plan, event["event"], event["properties"])
     if not problems:
         return True
     reason = "tracking plan: " + "; ".join(problems)
     rejected.append(_rejection(endpoint, token, index, record, _Reject("tracking_plan", reason), now,
-                               stored=not project.plan_enforce))
-    return not project.plan_enforce
+                               stored=not enforce))
+    return not enforce
 
 
 def _has_simplified_identity_event(store: Store, accepted: list[tuple[str, dict]]) -> bool:
@@ -2833,17 +2921,26 @@ class _Query:
         (the 429 text is Mixpanel's, AB-429); export has its own."""
         token = self.project.token
         store = self.store
-        kinds = ("exports", "exports_hour") if self.req.path == "/api/2.0/export" else ("queries",)
-        for kind in kinds:
-            over = store.rate_check(token, kind)
-            if over is not None:
-                raise self._too_many(over[0] + 1, over[1], over[2])
+        export = self.req.path == "/api/2.0/export"
         concurrent = store.rate_limits.get("concurrent")
-        if concurrent is not None and self.req.path != "/api/2.0/export":
-            running = store.running(token, +1)
-            if running > concurrent[0]:
+        counted = False
+        if concurrent is not None and not export:
+            if store.running(token, +1) > concurrent[0]:
                 store.running(token, -1)
                 raise self._too_many(None, None, 1)
+            counted = True
+        over = store.rate_check(token, ("exports", "exports_hour") if export else ("queries",))
+        if over is not None:
+            if counted:
+                store.running(token, -1)
+            if over[3] != "queries":
+                error = self.error(429, f"Export rate limit exceeded for project_id: "
+                                        f"{self.project.project_id}: {over[0] + 1}/{over[1]} exports "
+                                        f"in the last {'second' if over[3] == 'exports' else 'hour'}")
+                error.headers["Retry-After"] = str(max(1, math.ceil(over[2])))
+                raise error
+            raise self._too_many(over[0] + 1, over[1], over[2])
+        if counted:
             self.req.cleanup.append(functools.partial(store.running, token, -1))
 
     def _too_many(self, used: int | None, limit: int | None, wait: float) -> ApiError:
@@ -2866,7 +2963,8 @@ class _Query:
 
     def error(self, status: int, message: str) -> ApiError:
         """Mixpanel's query error: the request echoed, and the message."""
-        request = self.req.raw_path + ("?" + self.req.query if self.req.query else "")
+        query = _redacted_query(self.req.query)
+        request = self.req.raw_path + ("?" + query if query else "")
         return ApiError(status, {"request": request, "error": message})
 
     def _resolve(self) -> tuple[Project, _ProjectState]:
@@ -3994,7 +4092,7 @@ def _cohorts_list(store: Store, req: _Request) -> _Response:
         cohorts = list(q.state.cohorts.items())
         profiles = dict(q.state.profiles)
     listing = [{"count": len(_cohort_ids(c, profiles)), "is_visible": 1,
-                "description": c.get("description", ""), "created": c["created"],
+                "description": c.get("description", ""), "created": c.get("created", ""),
                 "project_id": q.project.project_id, "id": int(cid), "name": c["name"]}
                for cid, c in cohorts]
     return _json(200, listing)
@@ -4189,10 +4287,13 @@ def _make_fault(path: str, status: int = 503, body: Any = None, retry_after: int
                 times: int | None = 1, probability: float = 1.0, seed: int | None = None,
                 project: str | None = None, expires_after: float | None = None) -> dict:
     """A checked fault: which requests it hits and what it does to them."""
-    if not isinstance(path, str) or not path:
+    if not isinstance(path, str) or not (path == "*" or (path.startswith("/") and "?" not in path)):
         raise ValueError('path is an endpoint such as "/track", or "*" for every endpoint')
-    if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
-        raise ValueError("status must be an HTTP status, 100 to 599")
+    if status is not None and (isinstance(status, bool) or not isinstance(status, int)
+                               or not 200 <= status <= 599):
+        raise ValueError("status must be an HTTP status, 200 to 599 (None: answer normally, after delay)")
+    if not all(isinstance(flag, bool) for flag in (drop_connection, truncate)):
+        raise ValueError("drop_connection and truncate are true or false")
     if retry_after is not None and (isinstance(retry_after, bool) or not isinstance(retry_after, int)
                                     or retry_after < 0):
         raise ValueError("retry_after must be whole seconds, 0 or more")
@@ -4202,10 +4303,16 @@ def _make_fault(path: str, status: int = 503, body: Any = None, retry_after: int
         raise ValueError("times must be a whole number, 1 or more (None: every time)")
     if isinstance(probability, bool) or not isinstance(probability, (int, float)) or not 0 <= probability <= 1:
         raise ValueError("probability must be between 0 and 1")
-    if expires_after is not None and (not isinstance(expires_after, (int, float)) or expires_after <= 0):
+    if expires_after is not None and (isinstance(expires_after, bool) or not isinstance(
+            expires_after, (int, float)) or not 0 < expires_after < float("inf")):
         raise ValueError("expires_after must be a number of seconds above 0")
     if body is not None and not isinstance(body, (str, dict, list)):
         raise ValueError("body must be text or JSON (a dict or a list)")
+    if isinstance(body, (dict, list)):
+        try:
+            json.dumps(body, allow_nan=False)
+        except (TypeError, ValueError):
+            raise ValueError("body must be JSON-encodable") from None
     return {"id": 0, "path": path if path == "*" else _normalize_path(path), "status": status,
             "body": body, "retry_after": retry_after, "delay": delay,
             "drop_connection": bool(drop_connection), "truncate": bool(truncate), "times": times,
@@ -4233,10 +4340,21 @@ def _scope(store: Store, req: _Request) -> str | None:
     asked = req.param("project") or None
     if not store.strict_auth:
         return asked
-    token = _credential_token(store, req)
+    auth = req.basic_auth()
+    token = None
+    if auth is not None:
+        # A token is public (it ships in browsers): only a secret or a service
+        # account opens the control API.  (A project's secret defaults to its token.)
+        with store.lock:
+            for project in store.projects.values():
+                if project.api_secret == auth[0] and not auth[1]:
+                    token = project.token
+                elif (str(project.project_id) == (req.param("project_id") or "")
+                      and project.service_accounts.get(auth[0]) == auth[1]):
+                    token = project.token
     if token is None:
-        raise ApiError(401, {"error": "strict auth: send a configured project's credentials "
-                                      "(Basic token:, secret: or a service account)"})
+        raise ApiError(401, {"error": "strict auth: send a configured project's API secret "
+                                      "(Basic secret:) or service account"})
     if asked is not None and asked != token:
         raise ApiError(403, {"error": "strict auth: these credentials are for another project"})
     return token
@@ -4295,15 +4413,20 @@ def _explain_missing(store: Store, name: str | None, wanted: dict, project: str 
              + (f" with {wanted}" if wanted else "") + f"; found {len(found)}"]
     everything = _stored_events(store, project=project)
     same = [e for e in everything if name is None or e["event"] == name]
-    misses = [e for e in same if e not in found]
+    misses = [e for e in same if not _event_matches(e, name, None, wanted or None)]
     if wanted and misses:
         lines.append(f"  {len(misses)} {name!r} event(s) arrived with other values:")
         for event in misses[-5:]:
             got = event["properties"]
-            differences = [f"{k}: missing (expected {v!r})" if k not in got else
+            differences = [_missing_key(k, v, got) if k not in got else
                            f"{k}: {got[k]!r} (expected {v!r})"
                            for k, v in wanted.items() if k not in got or not _json_equal(got[k], v)]
             lines.append(f"    distinct_id={got.get('distinct_id')!r}: " + "; ".join(differences))
+    if count is not None and len(found) > count:
+        lines.append(f"  {len(found)} matched, {len(found) - count} more than expected:")
+        for event in found[:5]:
+            lines.append(f"    distinct_id={event['properties'].get('distinct_id')!r} "
+                         f"time={event['properties'].get('time')!r}")
     names = sorted({e["event"] for e in everything if e["event"] != name})
     for near in difflib.get_close_matches(name or "", names, n=3, cutoff=0.6):
         arrived = sum(1 for e in everything if e["event"] == near)
@@ -4315,9 +4438,30 @@ def _explain_missing(store: Store, name: str | None, wanted: dict, project: str 
         sent_props = sent.get("properties") if isinstance(sent.get("properties"), dict) else {}
         if all(_json_equal(sent_props.get(k), v) for k, v in wanted.items() if k in sent_props):
             lines.append(f"  refused on {record['endpoint']} (index {record['index']}): {record['reason']}")
+    if project is not None and not same:
+        elsewhere = sorted({token for _, token, e in store.event_rows()
+                            if token != project and (name is None or e["event"] == name)})
+        if elsewhere:
+            lines.append(f"  {name!r} arrived in other projects: {', '.join(elsewhere[:5])}")
     if not everything:
         lines.append("  no event arrived at all" + (f" for project {project!r}" if project else ""))
+    with store.lock:
+        recent = [e for e in store.journal if e["seq"] > store.reset_seq][-50:]
+    for entry in recent:  # failed answers since the last reset, faults included
+        if project is not None and entry["projects"] not in ([], [project]):
+            continue
+        if entry["path"] in ("/track", "/import", "/engage", "/groups") and (
+                entry["status"] is None or entry["status"] >= 400 or entry["fault"] is not None):
+            shown = "no answer (connection dropped)" if entry["status"] is None else f"answered {entry['status']}"
+            lines.append(f"  {entry['method']} {entry['path']} {shown}"
+                         + (f" (fault {entry['fault']})" if entry["fault"] is not None else ""))
     return "\n".join(lines)
+
+
+def _missing_key(key: str, value: Any, got: dict) -> str:
+    near = difflib.get_close_matches(key, [k for k in got if isinstance(k, str)], n=1, cutoff=0.6)
+    hint = f"; it has {near[0]!r} = {got[near[0]]!r}" if near else ""
+    return f"{key}: missing (expected {value!r}{hint})"
 
 
 def _root(store: Store, req: _Request) -> _Response:
@@ -4335,8 +4479,8 @@ def _health(store: Store, req: _Request) -> _Response:
 
 
 def _parlel_reset(store: Store, req: _Request) -> _Response:
-    """Forget what was ingested (one project with ?project=)."""
-    store.reset(_scope(store, req))
+    """Back to the seed state (?empty=1: to nothing), of one project with ?project=."""
+    store.reset(_scope(store, req), empty=req.param("empty") in ("1", "true"))
     return _json(200, {"ok": True})
 
 
@@ -4387,11 +4531,26 @@ def _json_body(req: _Request) -> dict:
 
 
 def _registered(store: Store, req: _Request, table: str, key: str) -> _Response:
+    scope = _scope(store, req)  # before the lock: it may take the lock itself
     with store.lock:
         rows = [dict(entry, **{key: entry_id, "project": token})
-                for token, state in store._states(_scope(store, req))
+                for token, state in store._states(scope)
                 for entry_id, entry in getattr(state, table).items()]
     return _json(200, {"count": len(rows), table: rows})
+
+
+def _registration_project(store: Store, req: _Request, body: dict) -> str | None:
+    """The project a registration is for.  With strict auth it is always the
+    credentials' own, and a body naming another is refused."""
+    scope = _scope(store, req)
+    asked = body.get("project")
+    if asked is not None and not isinstance(asked, str):
+        raise ApiError(400, {"error": "project is a token (text)"})
+    if store.strict_auth:
+        if asked is not None and asked != scope:
+            raise ApiError(403, {"error": "strict auth: these credentials are for another project"})
+        return scope
+    return asked or scope
 
 
 def _register_over_http(store: Store, req: _Request, register: Callable, key: str,
@@ -4401,9 +4560,9 @@ def _register_over_http(store: Store, req: _Request, register: Callable, key: st
     if unknown:
         raise ApiError(400, {"error": f"unknown fields: {', '.join(sorted(unknown))}",
                              "fields": list(fields) + ["project"]})
+    project = _registration_project(store, req, body)
     try:
-        new_id = register(store, body.get("project") or _scope(store, req),
-                          **{k: v for k, v in body.items() if k != "project"})
+        new_id = register(store, project, **{k: v for k, v in body.items() if k != "project"})
     except (TypeError, ValueError) as exc:
         raise ApiError(400, {"error": str(exc)}) from None
     return _json(200, {key: new_id})
@@ -4449,8 +4608,10 @@ def _parlel_requests(store: Store, req: _Request) -> _Response:
     try:
         since = int(req.param("since") or 0)
         limit = int(req.param("limit")) if req.param("limit") else None
+        if limit is not None and limit < 1:
+            raise ValueError(limit)
     except ValueError:
-        raise ApiError(400, {"error": "since and limit must be whole numbers"}) from None
+        raise ApiError(400, {"error": "since is a whole number and limit one of 1 or more"}) from None
     rows = _journal_rows(store, req.param("path"), since, _scope(store, req), limit)
     return _json(200, {"count": len(rows), "requests": rows})
 
@@ -4467,9 +4628,10 @@ def _journal_rows(store: Store, path: str | None, since: int, project: str | Non
 
 
 def _parlel_faults(store: Store, req: _Request) -> _Response:
-    _scope(store, req)
+    scope = _scope(store, req)
     with store.lock:
-        faults = [_fault_view(f) for f in store.faults]
+        faults = [_fault_view(f) for f in store.faults
+                  if not store.strict_auth or f["project"] == scope]
     return _json(200, {"count": len(faults), "faults": faults})
 
 
@@ -4489,40 +4651,61 @@ def _parlel_add_fault(store: Store, req: _Request) -> _Response:
 def _parlel_clear_faults(store: Store, req: _Request) -> _Response:
     scope = _scope(store, req)
     with store.lock:
-        store.faults = [f for f in store.faults if scope is not None and f["project"] != scope]
+        store.faults = [f for f in store.faults if store.strict_auth and f["project"] != scope]
     return _json(200, {"ok": True})
 
 
 def _parlel_stats(store: Store, req: _Request) -> _Response:
-    _scope(store, req)
-    return _json(200, store.stats())
+    return _json(200, store.stats(_scope(store, req)))
 
 
 def _parlel_snapshot(store: Store, req: _Request) -> _Response:
     """GET: the state as JSON (?project= for one); POST: put one back."""
     scope = _scope(store, req)
-    if req.method == "GET":
-        return _json(200, store.snapshot(scope))
+    if req.method in ("GET", "HEAD"):
+        snapshot = store.snapshot(scope)
+        for settings in snapshot["projects"]:  # never over HTTP
+            settings["api_secret"] = None
+            settings["service_accounts"] = {}
+        return _json(200, snapshot)
     snapshot = _json_body(req)
-    if store.strict_auth and any(p.get("token") != scope for p in snapshot.get("projects", [])):
-        raise ApiError(403, {"error": "strict auth: a snapshot may only restore your own project"})
     try:
+        projects, _ = _read_snapshot(snapshot)
+        if store.strict_auth and (any(p.token != scope for p in projects)
+                                  or any(t != scope for t in snapshot.get("states", {}))):
+            raise ApiError(403, {"error": "strict auth: a snapshot may only restore your own project"})
         store.restore(snapshot)
-    except (TypeError, ValueError, KeyError) as exc:
-        raise ApiError(400, {"error": f"not a snapshot: {exc}"}) from None
+    except ValueError as exc:
+        raise ApiError(400, {"error": str(exc)}) from None
     return _json(200, {"ok": True})
+
+
+def _parlel_save(store: Store, req: _Request) -> _Response:
+    """Write the state file now (atomically), as `mp.save()` does."""
+    _scope(store, req)
+    if store.strict_auth:
+        raise ApiError(403, {"error": "strict auth: the state file holds every project; save from Python"})
+    if store.state_file is None:
+        raise ApiError(400, {"error": "no state file: start with --state-file PATH"})
+    _write_state(store.state_file, store.snapshot())
+    return _json(200, {"ok": True, "path": store.state_file})
 
 
 def _parlel_tracking_plan(store: Store, req: _Request) -> _Response:
     """Set a project's tracking plan: {"project"?, "plan", "enforce"?}."""
     body = _json_body(req)
-    scope = _scope(store, req) or body.get("project")
+    if set(body) - {"project", "plan", "enforce"} or "plan" not in body:
+        raise ApiError(400, {"error": 'the body is {"project"?, "plan", "enforce"?}'})
+    scope = _registration_project(store, req, body)
+    enforce = body.get("enforce", False)
+    if not isinstance(enforce, bool):
+        raise ApiError(400, {"error": "enforce is true or false"})
     try:
         project, _ = _target_state(store, scope)
         project.tracking_plan = _check_plan(body.get("plan"))
     except ValueError as exc:
         raise ApiError(400, {"error": str(exc)}) from None
-    project.plan_enforce = bool(body.get("enforce", False))
+    project.plan_enforce = enforce
     return _json(200, {"ok": True, "project": project.token})
 
 
@@ -4549,8 +4732,11 @@ def _wait_events(store: Store, count: int, timeout: float, matching: Callable[[]
         remaining = deadline - time.monotonic()
         if len(found) >= count or remaining <= 0:
             return found
+        if store.stopping.is_set():
+            return found
         with store.changed:
-            store.changed.wait_for(lambda: store.version != version, min(remaining, 3600))
+            store.changed.wait_for(lambda: store.version != version or store.stopping.is_set(),
+                                   min(remaining, 3600))
 
 
 def _parlel_assert(store: Store, req: _Request) -> _Response:
@@ -4620,6 +4806,7 @@ _ROUTES: dict[tuple[str, str], Callable[[Store, _Request], _Response]] = {
     ("GET", "/__parlel/snapshot"): _parlel_snapshot,
     ("POST", "/__parlel/snapshot"): _parlel_snapshot,
     ("POST", "/__parlel/tracking-plan"): _parlel_tracking_plan,
+    ("POST", "/__parlel/save"): _parlel_save,
     ("GET", "/__parlel/funnels"): _parlel_funnels,
     ("POST", "/__parlel/funnels"): _parlel_add_funnel,
     ("GET", "/__parlel/cohorts"): _parlel_cohorts,
@@ -4736,6 +4923,7 @@ def _route(method: str, path: str, query: str = "", shown: str | None = None
         raise ApiError(405, {"error": f"method {method} not allowed on {path}",
                              "allowed": allowed}, headers={"Allow": ", ".join(allowed)})
     if path.startswith("/api/"):
+        query = _redacted_query(query)
         request = (shown or path) + ("?" + query if query else "")
         raise ApiError(400, {"request": request, "error": "Invalid API endpoint"})
     raise ApiError(404, {"error": f"no such endpoint: {method} {path}",
@@ -4814,7 +5002,8 @@ def _fault_response(fault: dict, req: _Request) -> _Response:
     elif req.path == "/api/2.0/export":
         response = _Response(status, message.encode(), "text/plain; charset=utf-8")
     elif req.path.startswith("/api/"):
-        request = req.raw_path + ("?" + req.query if req.query else "")
+        query = _redacted_query(req.query)
+        request = req.raw_path + ("?" + query if query else "")
         response = _json(status, {"request": request, "error": message})
     else:
         response = _json(status, {"error": message})
@@ -4851,7 +5040,9 @@ def _journal_entry(handler: Any, path: str, query: str, req: _Request | None,
             token = _record_token(record, "events") or _record_token(record, "people")
             if token is not None:
                 projects.add(token)
-        project = req.param("project") or (next(iter(projects)) if len(projects) == 1 else None)
+        store = handler.server.store
+        named = _credential_token(store, req) or (None if store.strict_auth else req.param("project"))
+        project = named or (next(iter(projects)) if len(projects) == 1 else None)
     return {"seq": 0, "time": time.time(), "method": handler.command, "path": path,
             "query": _redacted_query(query), "headers": headers,
             "body_size": len(req.body) if req is not None else 0,
@@ -4954,15 +5145,18 @@ class _Handler(BaseHTTPRequestHandler):
                 request = _Request(self.command, path, query, self.headers, body, client)
                 request.raw_path = self.path.split("?", 1)[0]
                 fault = store.take_fault(path, _fault_token(store, request)) if store.faults else None
-                response = self._fault(fault, request) if fault is not None else handler(store, request)
+                response = self._fault(fault, request) if fault is not None else None
+                if fault is None or (fault["status"] is None and not fault["drop_connection"]
+                                     and not self.close_connection):
+                    response = handler(store, request)  # no fault, or only a delay
         except ApiError as exc:
             response = _error_response(exc)
         except ExpressionError as exc:  # found while running a query's expression
-            echoed = path + ("?" + query if query else "")
+            echoed = path + ("?" + _redacted_query(query) if query else "")
             response = _json(400, {"request": echoed, "error": f"invalid expression: {exc}"})
         except Exception as exc:  # a bug in the fake: answer, record, re-raise in check()
             store.record_error(exc)
-            _log.exception("mixpanel_fake internal error on %s %s", self.command, self.path)
+            _log.exception("mixpanel_fake internal error on %s %s", self.command, path)
             response = _json(500, {"error": f"mixpanel_fake internal error: "
                                             f"{type(exc).__name__}: {exc}"})
         elapsed = (time.perf_counter() - started) * 1000
@@ -4970,24 +5164,28 @@ class _Handler(BaseHTTPRequestHandler):
         # answer can already read the entry.
         if not (path.startswith("/__parlel/") and self.command == "GET"):
             store.log_request(_journal_entry(self, path, query, request, response, fault, elapsed))
+        for done in (request.cleanup if request is not None else ()):
+            done()  # before sending: the client's next query must find the room free
         if response is not None:  # None: a fault dropped the connection
             self._send(response, truncate=fault is not None and fault["truncate"])
-        for done in (request.cleanup if request is not None else ()):
-            done()
+        elif fault is not None:
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         _log.debug("%s %s -> %s in %.1f ms", self.command, self.path.split("?")[0],
                    response.status if response is not None else "dropped", elapsed)
 
     def _fault(self, fault: dict, request: _Request) -> _Response | None:
         """Act out an injected fault (after the store's lock is released)."""
-        if fault["delay"]:
-            time.sleep(fault["delay"])
-        if fault["drop_connection"]:
-            self.close_connection = True
-            try:
-                self.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        if fault["delay"] and self.server.store.stopping.wait(fault["delay"]):
+            self.close_connection = True  # stopped while delaying: nobody waits for it
             return None
+        if fault["drop_connection"]:
+            self.close_connection = True  # the socket closes once the journal has the entry
+            return None
+        if fault["status"] is None:
+            return None  # only a delay: the request is handled normally
         response = _fault_response(fault, request)
         if fault["truncate"]:
             self.close_connection = True
@@ -5269,6 +5467,9 @@ class _Server(ThreadingHTTPServer):
             if self.closing:
                 return
             self.closing = True
+        self.store.stopping.set()
+        with self.store.changed:
+            self.store.changed.notify_all()
         try:
             self._wake_w.send(b"x")
         except OSError:
@@ -5312,24 +5513,70 @@ def _url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+def _check_expectation(name: Any, count: Any) -> None:
+    if name is not None and not isinstance(name, str):
+        raise TypeError("name must be an event name (text) or None")
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
+        raise ValueError("count must be a whole number, 0 or more")
+
+
+def _load_state(store: Store, path: str, configured: list[Project]) -> None:
+    """Load a state file as the seed; the projects configured now (their
+    secrets, plans) win over the file's copies of them."""
+    _check_state_path(path)
+    store.state_file = path
+    if os.path.exists(path):
+        store.seed = _read_state(path)
+        store.restore(store.seed)
+        for project in configured:
+            store.add_project(project)
+
+
 def _read_state(path: str) -> dict:
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            snapshot = json.load(handle)
+    except ValueError as exc:
+        raise ValueError(f"state file {path!r} is not JSON: {exc}") from None
+    _read_snapshot(snapshot)  # checked now, not when it breaks a query
+    return snapshot
+
+
+_SAVE_LOCK = threading.Lock()
+
+
+def _check_state_path(path: str) -> None:
+    """A state file's folder must exist now, not only at exit; temporary
+    files a killed save left behind are removed."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory) or os.path.isdir(path):
+        raise ValueError(f"state file {path!r}: its folder must exist and it must not be a folder")
+    prefix = f".{os.path.basename(path)}."
+    for name in os.listdir(directory):
+        if name.startswith(prefix) and name.endswith(".tmp"):
+            try:
+                os.unlink(os.path.join(directory, name))
+            except OSError:
+                pass
 
 
 def _write_state(path: str, snapshot: dict) -> None:
-    """Atomic: write a temporary file beside it, fsync, rename over it."""
+    """Atomic: write a temporary file beside it, fsync, rename over it (one
+    save at a time; a crash leaves the last good file)."""
     directory = os.path.dirname(os.path.abspath(path))
-    temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(_dumps(snapshot))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+    data = _dumps(snapshot)
+    with _SAVE_LOCK:
+        descriptor, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                                                 dir=directory)
+        try:
+            with os.fdopen(descriptor, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
     try:  # make the rename itself durable
         descriptor = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -5359,9 +5606,8 @@ class MixpanelFake:
                  rate_limits: dict | None = None, state_file: str | None = None):
         self.store = Store(projects, clock, strict_auth, journal_size, max_events, rate_limits)
         self.state_file = state_file
-        if state_file is not None and os.path.exists(state_file):
-            self.store.seed = _read_state(state_file)
-            self.store.restore(self.store.seed)
+        if state_file is not None:
+            _load_state(self.store, state_file, projects or [])
         self._server = _make_server(host, port, self.store)
         self.host = host
         self.port: int = self._server.server_address[1]
@@ -5498,6 +5744,8 @@ class MixpanelFake:
         """Journaled requests (newest last): method, path, query, headers and
         credentials redacted, body size, decoded records, status, response,
         duration, fault.  ``since`` is a `seq` cursor: only later ones."""
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ValueError("limit must be a whole number, 1 or more")
         return _copy(_journal_rows(self.store, path, since or 0, project, limit))
 
     def add_fault(self, path: str, status: int = 503, body: Any = None,
@@ -5542,6 +5790,7 @@ class MixpanelFake:
         with these properties; returns the matches.  A failure lists the
         nearest misses: the same event with other values, similar names, and
         refused records that would have matched, with why."""
+        _check_expectation(name, count)
         wanted = dict(properties or {}, **props)
         found = self.events(name=name, project=project, properties=wanted or None)
         if (count is None and found) or (count is not None and len(found) == count):
@@ -5587,6 +5836,7 @@ class MixpanelFake:
                  project: str | None = None, properties: dict | None = None, **props: Any) -> list[dict]:
         """Wait until ``count`` events match; return them.  On timeout,
         raise `WaitTimeout` with the same explanation as `assert_tracked`."""
+        _check_expectation(name, count)
         wanted = dict(properties or {}, **props)
         try:
             return self.wait_for_events(count, timeout, name=name, project=project,
@@ -5755,10 +6005,9 @@ def main(argv: list[str] | None = None) -> int:
                       max_events=args.max_events, rate_limits=limits)
         for text in args.fault:
             store.add_fault(_make_fault(**json.loads(text)))
-        if args.state_file and os.path.exists(args.state_file):
-            store.seed = _read_state(args.state_file)
-            store.restore(store.seed)
-    except (OSError, ValueError, TypeError) as exc:
+        if args.state_file:
+            _load_state(store, args.state_file, projects)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
         parser.error(str(exc))
     if args.log_events:
         store.log_sink = functools.partial(print, flush=True)
@@ -5780,6 +6029,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.stop()
         if args.state_file:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut the save
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             _write_state(args.state_file, store.snapshot())
     return 0
 

@@ -2265,7 +2265,8 @@ class TestStrictAuth(unittest.TestCase):
         self.http("POST", "/track", json.dumps([_event("B only", token="tokB", distinct_id="b")]))
         self.http("POST", "/engage", json.dumps([{"$token": "tokA", "$distinct_id": "a", "$set": {"x": 1}},
                                                  {"$token": "tokB", "$distinct_id": "b", "$set": {"x": 2}}]))
-        as_a = _basic("tokA")
+        as_a = _basic("secA")
+        self.assertEqual(self.http("GET", "/__parlel/events", headers=_basic("tokA"))[0], 401)  # tokens are public
         for path in ("/__parlel/events", "/__parlel/people", "/__parlel/groups", "/__parlel/rejected",
                      "/__parlel/projects", "/__parlel/requests", "/__parlel/snapshot"):
             with self.subTest(path):
@@ -2347,7 +2348,7 @@ class TestFaults(_ServerTestCase):
         MP.add_fault("/track", status=503, truncate=True, body="0123456789")
         reply = _raw_request(b"POST /track HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
         self.assertTrue(reply.endswith(b"\r\n\r\n01234"), reply[-30:])
-        MP.add_fault("*", status=418, probability=0.5, seed=7, times=None)
+        MP.add_fault("/health", status=418, probability=0.5, seed=7, times=None)
         statuses = [_http("GET", "/health")[0] for _ in range(20)]
         self.assertEqual(set(statuses), {200, 418})
         MP.clear_faults()
@@ -2360,7 +2361,7 @@ class TestFaults(_ServerTestCase):
         self.assertEqual(status, 200)
         self.assertEqual(_json("GET", "/__parlel/faults")[1]["faults"][0]["id"], body["id"])
         self.assertEqual(_json("POST", "/__parlel/faults", json.dumps({"path": "/x", "status": 9}))[1],
-                         {"error": "status must be an HTTP status, 100 to 599"})
+                         {"error": "status must be an HTTP status, 200 to 599 (None: answer normally, after delay)"})
         self.assertEqual(_json("DELETE", "/__parlel/faults"), (200, {"ok": True}))
         self.assertEqual(MP.faults(), [])
 
@@ -2387,6 +2388,123 @@ class TestFaults(_ServerTestCase):
                               text=True, timeout=60, env=env)
         results = json.loads(proc.stdout)["results"]
         self.assertEqual([r["error"] for r in results], ["Mixpanel Server Error: 0", None])
+
+
+class TestToolkitEdges(unittest.TestCase):
+    """Cases reviews found in the toolkit; each behaves as the README says."""
+
+    def test_strict_registration_and_control_api(self):
+        with MixpanelFake(strict_auth=True, projects=[Project("tA", api_secret="sA"),
+                                                       Project("tB", api_secret="sB")]) as fake:
+            def call(method, path, body=None, user=None):
+                headers = _basic(user) if user else {}
+                return _http(method, path, json.dumps(body) if body is not None else None, headers,
+                             port=fake.port)[0]
+            funnel = {"name": "f", "steps": ["a", "b"], "project": "tB"}
+            self.assertEqual(call("POST", "/__parlel/funnels", funnel), 401)
+            self.assertEqual(call("POST", "/__parlel/funnels", funnel, "sA"), 403)
+            self.assertEqual(call("POST", "/__parlel/funnels", dict(funnel, project="tA"), "sA"), 200)
+            self.assertEqual(call("GET", "/__parlel/funnels", user="sA"), 200)  # no deadlock
+            self.assertEqual(call("POST", "/__parlel/tracking-plan", {"project": "tB", "plan": None}, "sA"), 403)
+            fake.add_fault("/track", project="tB")
+            self.assertEqual(_json_at(fake, "/__parlel/faults", "sA")["faults"], [])
+            snapshot = _json_at(fake, "/__parlel/snapshot", "sA")
+            self.assertEqual([p["api_secret"] for p in snapshot["projects"]], [None])
+            self.assertEqual(call("HEAD", "/__parlel/snapshot", user="sA"), 200)
+            _http("POST", "/track", json.dumps([_event(token="newtok")] * 2), port=fake.port)
+            self.assertNotIn("newtok", [p["token"] for p in json.loads(
+                _http("GET", "/__parlel/projects", headers=_basic("sA"), port=fake.port)[2])["projects"]])
+            self.assertEqual(_json_at(fake, "/__parlel/stats", "sA")["projects"], 1)
+
+    def test_bad_snapshots_are_400_and_change_nothing(self):
+        with MixpanelFake() as fake:
+            for bad in ({"format": "mixpanel_fake/1", "projects": [], "states": []},
+                        {"format": "mixpanel_fake/1", "projects": [{"token": "a"}],
+                         "states": {"a": {"events": [1]}}},
+                        {"format": "mixpanel_fake/1", "projects": [1], "states": {}},
+                        {"format": "other"}):
+                with self.subTest(bad):
+                    status, _, body = _http("POST", "/__parlel/snapshot", json.dumps(bad), port=fake.port)
+                    self.assertEqual(status, 400, body)
+                    with self.assertRaises(ValueError):
+                        fake.restore(bad)
+            self.assertEqual(_http("GET", "/__parlel/events", port=fake.port)[0], 200)
+
+    def test_ids_continue_after_loading_a_state_file(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "s.json")
+        with MixpanelFake(state_file=path) as fake:
+            fake.set_time(T0)
+            _post_to(fake, "/track", [_event("old0"), _event("old1")])
+        with MixpanelFake(state_file=path) as fake:
+            fake.set_time(T0)
+            _post_to(fake, "/track", [_event("new0")])
+            rows = json.loads(_http("GET", "/__parlel/events", port=fake.port)[2])["events"]
+            self.assertEqual([r["event"] for r in rows], ["old0", "old1", "new0"])
+            self.assertEqual(len({r["id"] for r in rows}), 3)
+
+    def test_concurrent_saves_never_corrupt_the_file(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "s.json")
+        fake = MixpanelFake(state_file=path)
+        self.addCleanup(fake.stop)
+        fake.store.add_events([(TOKEN, {"event": "E", "properties": {"token": TOKEN, "time": T0}})], [])
+        threads = [threading.Thread(target=fake.save) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.assertEqual(json.load(open(path))["format"], "mixpanel_fake/1")
+        self.assertEqual(os.listdir(directory), ["s.json"])
+
+    def test_star_faults_spare_the_control_api_and_slow_faults_still_answer(self):
+        with MixpanelFake() as fake:
+            fake.add_fault("*", status=503, times=None)
+            self.assertEqual(_http("GET", "/health", port=fake.port)[0], 200)
+            self.assertEqual(_http("DELETE", "/__parlel/faults", port=fake.port)[0], 200)
+            fake.add_fault("/track", delay=0.05, status=None)
+            self.assertEqual(_http("POST", "/track", json.dumps(_event()), port=fake.port)[::2], (200, b"1"))
+            self.assertEqual(len(fake.events()), 1)
+
+    def test_wait_ends_when_the_server_stops(self):
+        fake = MixpanelFake().start()
+        errors = []
+
+        def wait():
+            try:
+                fake.wait_for("never", timeout=float("inf"))
+            except WaitTimeout as exc:
+                errors.append(exc)
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        fake.stop()
+        waiter.join(10)
+        self.assertFalse(waiter.is_alive())
+        self.assertEqual(len(errors), 1)
+
+    def test_argument_checks(self):
+        with self.assertRaises(ValueError):
+            MixpanelFake(max_events=0)
+        with self.assertRaises(ValueError):
+            MixpanelFake(journal_size=0)
+        with MixpanelFake(max_events=1) as fake:
+            fake.set_time(T0)
+            _post_to(fake, "/track", [_event("a"), _event("b")])
+            self.assertEqual([e["event"] for e in fake.events()], ["b"])
+            for bad in ({"path": "track"}, {"path": "/track", "status": 100}, {"path": "/t", "drop_connection": "no"}):
+                with self.assertRaises(ValueError):
+                    fake.add_fault(**bad)
+            with self.assertRaises(ValueError):
+                fake.assert_tracked("a", count=-1)
+            with self.assertRaises(ValueError):
+                fake.requests(limit=0)
+            self.assertEqual(_http("GET", "/__parlel/requests?limit=0", port=fake.port)[0], 400)
+
+
+def _json_at(fake, path, user):
+    return json.loads(_http("GET", path, headers=_basic(user), port=fake.port)[2])
 
 
 class TestRateLimits(unittest.TestCase):
