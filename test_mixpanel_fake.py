@@ -2021,10 +2021,7 @@ class TestTransport(_ServerTestCase):
         self.assertEqual(json.loads(body)["code"], 414)
 
     def test_body_over_the_cap_is_413_without_reading_it(self):
-        sock = socket.create_connection(("127.0.0.1", MP.port), timeout=5)
-        self.addCleanup(sock.close)
-        sock.sendall(b"POST /import HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\n")
-        reply = sock.recv(65536)
+        reply = _raw_request(b"POST /import HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\n")
         self.assertTrue(reply.startswith(b"HTTP/1.1 413 "), reply)
         self.assertIn(b'"error":"request exceeds max limit of', reply)
 
@@ -2038,10 +2035,7 @@ class TestTransport(_ServerTestCase):
         self.assertEqual((status, json.loads(body)["code"]), (400, 400))
 
     def test_malformed_request_line_gets_json(self):
-        sock = socket.create_connection(("127.0.0.1", MP.port), timeout=5)
-        self.addCleanup(sock.close)
-        sock.sendall(b"GARBAGE\r\n\r\n")
-        reply = sock.recv(65536)
+        reply = _raw_request(b"GARBAGE\r\n\r\n")
         self.assertTrue(reply.startswith(b"HTTP/1.1 400 "), reply)
         self.assertIn(b"application/json", reply)
 
