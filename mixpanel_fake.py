@@ -302,6 +302,73 @@ def _is_default_property(name: str) -> bool:
     return name.startswith(("$", "mp_")) or name in ("token", "time", "distinct_id")
 
 
+# --- feature flag definitions (ingestion-api.md §9; sdks.md §1.4) -----------------
+
+def _check_flag(flag: Any, project_id: Any) -> dict:
+    """A flag definition in the shape /flags/definitions serves."""
+    if not isinstance(flag, dict) or not isinstance(flag.get("key"), str) or not flag["key"]:
+        raise ValueError("a flag is a JSON object with a key")
+    ruleset = flag.get("ruleset")
+    if not isinstance(ruleset, dict) or not isinstance(ruleset.get("variants"), list) or \
+            not ruleset["variants"] or not isinstance(ruleset.get("rollout", []), list):
+        raise ValueError(f"flag {flag['key']!r}: ruleset needs variants (a non-empty list) and rollout")
+    for variant in ruleset["variants"]:
+        if not isinstance(variant, dict) or not isinstance(variant.get("key"), str):
+            raise ValueError(f"flag {flag['key']!r}: each variant needs a key")
+    for variant in ruleset["variants"]:
+        if isinstance(variant.get("split", 0), bool) or not isinstance(variant.get("split", 0), (int, float)):
+            raise ValueError(f"flag {flag['key']!r}: a variant's split is a number (0 to 1)")
+    for rollout in ruleset.get("rollout", []):
+        percentage = rollout.get("rollout_percentage") if isinstance(rollout, dict) else None
+        if isinstance(percentage, bool) or not isinstance(percentage, (int, float)):
+            raise ValueError(f"flag {flag['key']!r}: each rollout needs a rollout_percentage (0 to 1)")
+        splits = rollout.get("variant_splits") or {}
+        if not isinstance(splits, dict) or any(
+                isinstance(v, bool) or not isinstance(v, (int, float)) for v in splits.values()):
+            raise ValueError(f"flag {flag['key']!r}: variant_splits maps variant keys to numbers")
+        override = rollout.get("variant_override")
+        if override is not None and not (isinstance(override, dict) and isinstance(override.get("key"), str)):
+            raise ValueError(f"flag {flag['key']!r}: variant_override is {{\"key\": variant key}} or null")
+        legacy = rollout.get("runtime_evaluation_definition") or {}
+        if not isinstance(legacy, dict) or not all(isinstance(v, str) for v in legacy.values()):
+            raise ValueError(f"flag {flag['key']!r}: runtime_evaluation_definition maps names to strings")
+    if not isinstance((ruleset.get("test") or {}).get("users") or {}, dict):
+        raise ValueError(f"flag {flag['key']!r}: ruleset.test.users maps distinct_id to a variant key")
+    if not isinstance(flag.get("context", "distinct_id"), str) or not flag.get("context", "distinct_id"):
+        raise ValueError(f"flag {flag['key']!r}: context is the name of a context key")
+    if flag.get("hash_salt") is not None and not isinstance(flag["hash_salt"], str):
+        raise ValueError(f"flag {flag['key']!r}: hash_salt is a string")
+    full = {"id": str(flag.get("id", flag["key"])), "name": flag.get("name", flag["key"]),
+            "key": flag["key"], "status": flag.get("status", "enabled"), "project_id": project_id,
+            "workspace_id": flag.get("workspace_id"), "context": flag.get("context", "distinct_id"),
+            "experiment_id": flag.get("experiment_id"),
+            "is_experiment_active": flag.get("is_experiment_active"),
+            "ruleset": {"variants": [dict(variant, value=variant.get("value"),
+                                          is_control=bool(variant.get("is_control", False)),
+                                          split=variant.get("split", 0.0))
+                                     for variant in ruleset["variants"]],
+                        "rollout": ruleset.get("rollout", []),
+                        "test": ruleset.get("test") or {"users": {}}}}
+    if "hash_salt" in flag:
+        full["hash_salt"] = flag["hash_salt"]
+    return full
+
+
+
+
+def _check_flags(flags: Any, project_id: Any) -> list[dict]:
+    """A project's flag definitions, checked; keys must be unique."""
+    if flags is None:
+        return []
+    if not isinstance(flags, list):
+        raise ValueError("flags is a list of flag definitions")
+    checked = [_check_flag(flag, project_id) for flag in flags]
+    keys = [flag["key"] for flag in checked]
+    if len(set(keys)) != len(keys):
+        raise ValueError("two flags share a key")
+    return checked
+
+
 class Project:
     """A Mixpanel project: its token, id, secret and service accounts.
 
@@ -313,7 +380,8 @@ class Project:
     def __init__(self, token: str, project_id: int | str | None = None,
                  api_secret: str | None = None, service_accounts: Any = None,
                  timezone: str = "UTC", id_merge: str = "simplified",
-                 tracking_plan: dict | None = None, plan_enforce: bool = False):
+                 tracking_plan: dict | None = None, plan_enforce: bool = False,
+                 flags: list | None = None):
         if not isinstance(token, str) or not token:
             raise ValueError("a project needs a non-empty string token")
         if id_merge not in ("simplified", "original"):
@@ -328,6 +396,7 @@ class Project:
         self.id_merge = id_merge
         self.tracking_plan = _check_plan(tracking_plan)
         self.plan_enforce = bool(plan_enforce)
+        self.flags = _check_flags(flags, self.project_id)
 
     def __repr__(self) -> str:
         # Never show the secret or service-account secrets.
@@ -339,7 +408,7 @@ class Project:
         return {"token": self.token, "project_id": self.project_id, "api_secret": self.api_secret,
                 "service_accounts": dict(self.service_accounts), "timezone": self.timezone,
                 "id_merge": self.id_merge, "tracking_plan": self.tracking_plan,
-                "plan_enforce": self.plan_enforce}
+                "plan_enforce": self.plan_enforce, "flags": self.flags}
 
     def describe(self) -> dict[str, Any]:
         """What the inspection API shows of a project: no secrets."""
@@ -2878,6 +2947,237 @@ def _groups(store: Store, req: _Request) -> _Response:
     return _ingest_profiles(store, req, "groups", "/groups")
 
 
+# --- feature flags (ingestion-api.md §9; sdks.md §1.4, §2.4) ---------------------
+# Remote evaluation follows the SDKs' local evaluation step by step, so both
+# agree for every context: test users, then the first rollout whose hash
+# (FNV-1a 64 of the context value and a salt, mod 100) falls under its
+# percentage and whose runtime rule holds, then a variant by its splits.
+
+
+def _fnv1a_fraction(value: str, salt: str) -> float:
+    """FNV-1a 64 of value+salt, mod 100, as a fraction (the SDKs' hash)."""
+    digest = 0xCBF29CE484222325
+    for byte in (value + salt).encode("utf-8"):
+        digest = ((digest ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return (digest % 100) / 100.0
+
+
+def _casefold_all(value: Any, keys: bool) -> Any:
+    """Lower-case strings (and dict keys too, when ``keys``), as the SDKs do
+    before a runtime rule runs."""
+    if isinstance(value, str):
+        return value.casefold()
+    if isinstance(value, list):
+        return [_casefold_all(item, keys) for item in value]
+    if isinstance(value, dict):
+        return {(k.casefold() if keys and isinstance(k, str) else k): _casefold_all(v, keys)
+                for k, v in value.items()}
+    return value
+
+
+def _logic_loose_equal(a: Any, b: Any) -> bool:
+    """JSONLogic `==`: text when either side is text, truthiness when either
+    is a boolean, else plain equality."""
+    if isinstance(a, str) or isinstance(b, str):
+        return _logic_text(a) == _logic_text(b)
+    if isinstance(a, bool) or isinstance(b, bool):
+        return bool(a) == bool(b)
+    return a == b
+
+
+def _logic_text(value: Any) -> str:
+    return str(value)  # the Python evaluator's own str(): True -> "True"
+
+
+def _logic_less(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) or isinstance(b, (int, float)):
+        try:
+            a, b = float(a), float(b)
+        except (TypeError, ValueError):
+            return False
+    try:
+        return a < b
+    except TypeError:
+        return False
+
+
+_LOGIC_OPERATORS: dict[str, Callable[..., Any]] = {
+    "==": _logic_loose_equal,
+    "!=": lambda a, b: not _logic_loose_equal(a, b),
+    "===": lambda a, b: type(a) is type(b) and a == b,
+    "!==": lambda a, b: not (type(a) is type(b) and a == b),
+    "<": _logic_less,
+    ">": lambda a, b: _logic_less(b, a),
+    "<=": lambda a, b: _logic_less(a, b) or _logic_loose_equal(a, b),
+    ">=": lambda a, b: _logic_less(b, a) or _logic_loose_equal(a, b),
+    "!": lambda a: not a,
+    "!!": bool,
+    "in": lambda a, b: isinstance(b, (str, list, dict)) and (
+        a in b if not isinstance(b, str) or isinstance(a, str) else False),
+}
+
+
+def _json_logic(rule: Any, data: dict, depth: int = 0) -> Any:
+    """The JSONLogic the SDKs evaluate for runtime rules: var, and, or, if,
+    ==, !=, ===, !==, <, <=, >, >=, !, !!, in.  Anything else is an error,
+    and an error makes the rule false (as in the SDKs)."""
+    if depth > 64:
+        raise ValueError("rule nested too deeply")
+    if not isinstance(rule, dict) or len(rule) != 1:
+        return rule
+    operator, args = next(iter(rule.items()))
+    if not isinstance(args, list):
+        args = [args]
+    if operator == "and":
+        result: Any = True
+        for arg in args:
+            result = _json_logic(arg, data, depth + 1)
+            if not result:
+                return result
+        return result
+    if operator == "or":
+        result = False
+        for arg in args:
+            result = _json_logic(arg, data, depth + 1)
+            if result:
+                return result
+        return result
+    values = [_json_logic(arg, data, depth + 1) for arg in args]
+    if operator == "var":
+        found: Any = data
+        for part in str(values[0] if values else "").split("."):
+            if isinstance(found, dict) and part in found:
+                found = found[part]
+            elif isinstance(found, list) and part.isdigit() and int(part) < len(found):
+                found = found[int(part)]
+            else:
+                return values[1] if len(values) > 1 else None
+        return found
+    if operator == "if":
+        for index in range(0, len(values) - 1, 2):
+            if values[index]:
+                return values[index + 1]
+        return values[-1] if len(values) % 2 else None
+    function = _LOGIC_OPERATORS.get(operator)
+    if function is None:
+        raise ValueError(f"unsupported JSONLogic operator {operator!r}")
+    return function(*values)
+
+
+def _rollout_applies(rollout: dict, context: dict) -> bool:
+    """A rollout's runtime rule (or its legacy exact-match definition)
+    against the context's lower-cased custom_properties."""
+    rule = rollout.get("runtime_evaluation_rule")
+    legacy = rollout.get("runtime_evaluation_definition")
+    if not rule and not legacy:
+        return True
+    custom = context.get("custom_properties")
+    if not isinstance(custom, dict) or not custom:
+        return False
+    try:
+        data = _casefold_all(custom, keys=True)
+        if rule:
+            return bool(_json_logic(_casefold_all(rule, keys=False), data))
+    except Exception:  # an unsupported or failing rule: not satisfied, as in the SDKs
+        return False
+    return all(key in data and isinstance(data[key], str) and isinstance(expected, str)
+               and data[key].casefold() == expected.casefold() for key, expected in legacy.items())
+
+
+def _evaluate_flag(flag: dict, context: dict) -> dict | None:
+    """The variant a context gets, as /flags returns it, or None."""
+    value = context.get(flag.get("context", "distinct_id"))
+    if not value:
+        return None
+    ruleset = flag["ruleset"]
+    # The SDKs sort variants by key once fetched; the order decides splits.
+    variants = sorted(ruleset["variants"], key=lambda variant: variant["key"])
+
+    def chosen(variant: dict, qa: bool = False) -> dict:
+        return {"variant_key": variant["key"], "variant_value": variant.get("value"),
+                "experiment_id": flag.get("experiment_id"),
+                "is_experiment_active": flag.get("is_experiment_active"), "is_qa_tester": qa}
+
+    def named(key: Any) -> dict | None:
+        if not isinstance(key, str):
+            return None
+        return next((v for v in variants if v["key"].casefold() == key.casefold()), None)
+
+    users = (ruleset.get("test") or {}).get("users") or {}
+    tester = named(users.get(context.get("distinct_id"))) if context.get("distinct_id") else None
+    if tester is not None:
+        return chosen(tester, qa=True)
+    salt_base = flag.get("hash_salt")
+    for index, rollout in enumerate(ruleset.get("rollout") or []):
+        salt = flag["key"] + (salt_base + str(index) if salt_base is not None else "rollout")
+        if _fnv1a_fraction(str(value), salt) >= rollout.get("rollout_percentage", 0):
+            continue
+        if not _rollout_applies(rollout, context):
+            continue
+        override = named((rollout.get("variant_override") or {}).get("key"))
+        if override is not None:
+            return dict(chosen(override), is_qa_tester=True)
+        splits = rollout.get("variant_splits") or {}
+        hashed = _fnv1a_fraction(str(value), flag["key"] + (salt_base or "") + "variant")
+        picked, total = variants[0], 0.0
+        for variant in variants:
+            picked = variant
+            total += splits.get(variant["key"], variant.get("split", 0))
+            if hashed < total:
+                break
+        return chosen(picked)
+    return None
+
+
+def _flags_project(store: Store, req: _Request) -> Project:
+    """The project a flags call is for: Basic token (or secret, service
+    account) as the SDKs send it, or ?token=."""
+    token = _credential_token(store, req) or req.param("token")
+    with store.lock:
+        project = store.projects.get(token) if token else None
+    if project is None:
+        if token and not store.strict_auth:
+            return Project(token)  # relaxed mode: an unknown project has no flags yet
+        raise ApiError(401, {"error": "unknown project: send the token (Basic token:) or ?token=",
+                             "status": "error"})
+    return project
+
+
+def _flags_definitions(store: Store, req: _Request) -> _Response:
+    """Flag definitions for the SDKs' local evaluation.  GET /flags/definitions."""
+    project = _flags_project(store, req)
+    return _json(200, {"flags": list(project.flags)})
+
+
+def _flags(store: Store, req: _Request) -> _Response:
+    """Remote evaluation: the variants a context gets.  GET /flags.
+
+    Status 200 (Node needs it) and a `code` key (Python needs it); only
+    flags whose rollout the context is in are listed (OAS-flags)."""
+    project = _flags_project(store, req)
+    try:
+        context = _loads(req.param("context") or "")
+    except ValueError:
+        context = None
+    if not isinstance(context, dict) or not isinstance(context.get("distinct_id"), str):
+        raise ApiError(400, {"error": "distinct_id must be provided in evalContext as a string",
+                             "status": "error"})
+    only = req.param("flag_key")
+    flags = {}
+    for flag in project.flags:
+        if only is not None and flag["key"] != only:
+            continue
+        variant = _evaluate_flag(flag, context)
+        if variant is not None:
+            flags[flag["key"]] = variant
+    return _json(200, {"code": 200, "flags": flags, "pending_first_time_events": []})
+
+
+def _flags_first_time_events(store: Store, req: _Request) -> _Response:
+    """POST /flags/{id}/first-time-events: accepted, as Mixpanel does (JS, Swift)."""
+    return _json(200, {})
+
+
 # =============================================================================
 # Queries: export, engage, events, segmentation, funnels, retention, ...
 # (query-api.md; choices in the README's "Query API" section)
@@ -4691,6 +4991,28 @@ def _parlel_save(store: Store, req: _Request) -> _Response:
     return _json(200, {"ok": True, "path": store.state_file})
 
 
+def _parlel_flags(store: Store, req: _Request) -> _Response:
+    """GET: a project's flag definitions.  POST {"project"?, "flags": [...]}
+    replaces them (the shape /flags/definitions serves)."""
+    if req.method != "POST":
+        try:
+            project, _ = _target_state(store, _scope(store, req))
+        except ValueError as exc:
+            raise ApiError(404, {"error": str(exc)}) from None
+        return _json(200, {"project": project.token, "flags": list(project.flags)})
+    body = _json_body(req)
+    if set(body) - {"project", "flags"} or "flags" not in body:
+        raise ApiError(400, {"error": 'the body is {"project"?, "flags": [flag, ...]}'})
+    scope = _registration_project(store, req, body)
+    try:
+        project, _ = _target_state(store, scope)
+        flags = _check_flags(body["flags"], project.project_id)
+    except ValueError as exc:
+        raise ApiError(400, {"error": str(exc)}) from None
+    project.flags = flags
+    return _json(200, {"ok": True, "project": project.token, "flags": len(flags)})
+
+
 def _parlel_tracking_plan(store: Store, req: _Request) -> _Response:
     """Set a project's tracking plan: {"project"?, "plan", "enforce"?}."""
     body = _json_body(req)
@@ -4806,6 +5128,12 @@ _ROUTES: dict[tuple[str, str], Callable[[Store, _Request], _Response]] = {
     ("GET", "/__parlel/snapshot"): _parlel_snapshot,
     ("POST", "/__parlel/snapshot"): _parlel_snapshot,
     ("POST", "/__parlel/tracking-plan"): _parlel_tracking_plan,
+    ("GET", "/__parlel/flags"): _parlel_flags,
+    ("POST", "/__parlel/flags"): _parlel_flags,
+    # Feature flags (ingestion-api.md §9): the SDKs' remote and local evaluation.
+    ("GET", "/flags"): _flags,
+    ("POST", "/flags"): _flags,
+    ("GET", "/flags/definitions"): _flags_definitions,
     ("POST", "/__parlel/save"): _parlel_save,
     ("GET", "/__parlel/funnels"): _parlel_funnels,
     ("POST", "/__parlel/funnels"): _parlel_add_funnel,
@@ -4878,6 +5206,7 @@ for _path, _methods in _METHODS_BY_PATH.items():
 del _method, _path, _methods  # noqa: the loop names are not module API
 
 _SLASHES_RE = re.compile(r"/{2,}")
+_FIRST_TIME_RE = re.compile(r"^/flags/[^/]+/first-time-events$")  # the one route with an id in it
 _DIGITS_RE = re.compile(r"^[0-9]{1,18}$")
 _HEX_RE = re.compile(rb"^[0-9A-Fa-f]{1,16}$")
 
@@ -4918,6 +5247,8 @@ def _route(method: str, path: str, query: str = "", shown: str | None = None
     handler = _ROUTES.get(("GET" if method == "HEAD" else method, path))
     if handler is not None and not (method == "HEAD" and handler in _INGESTION):
         return handler
+    if method == "POST" and _FIRST_TIME_RE.match(path):
+        return _flags_first_time_events
     allowed = _METHODS_BY_PATH.get(path)
     if allowed:
         raise ApiError(405, {"error": f"method {method} not allowed on {path}",
@@ -5782,6 +6113,42 @@ class MixpanelFake:
         target.tracking_plan = _check_plan(plan)
         target.plan_enforce = bool(enforce)
 
+    # --- feature flags ---------------------------------------------------------
+
+    def set_flags(self, flags: list, project: str | None = None) -> None:
+        """Replace a project's feature flags: definitions in the shape
+        /flags/definitions serves ({"key", "ruleset": {"variants", "rollout",
+        "test"}, "context"?, "hash_salt"?, ...}); ValueError says what is wrong."""
+        target, _ = _target_state(self.store, project)
+        target.flags = _check_flags(flags, target.project_id)
+
+    def add_flag(self, key: str, variants: Any = None, rollout: Any = 1.0,
+                 project: str | None = None, **fields: Any) -> dict:
+        """Add (or replace) one flag.  ``variants`` maps variant key to value
+        (default {"On": True}, a boolean flag); ``rollout``
+        is a fraction of contexts or a list of rollout objects.  Other fields
+        (test_users, hash_salt, context, experiment_id, ...) go in as given."""
+        target, _ = _target_state(self.store, project)
+        if variants is None:
+            variants = {"On": True}
+        if isinstance(variants, dict):
+            share = 1.0 / len(variants) if variants else 0.0
+            variants = [{"key": k, "value": v, "is_control": False, "split": share}
+                        for k, v in variants.items()]
+        if isinstance(rollout, (int, float)) and not isinstance(rollout, bool):
+            rollout = [{"rollout_percentage": rollout}]
+        test_users = fields.pop("test_users", None)
+        flag = dict(fields, key=key, ruleset={"variants": variants, "rollout": rollout,
+                                              "test": {"users": dict(test_users or {})}})
+        checked = _check_flag(flag, target.project_id)
+        target.flags = [f for f in target.flags if f["key"] != key] + [checked]
+        return checked
+
+    def flags(self, project: str | None = None) -> list[dict]:
+        """A project's flag definitions, as /flags/definitions serves them."""
+        target, _ = _target_state(self.store, project)
+        return list(target.flags)
+
     # --- assertions that explain ---------------------------------------------
 
     def assert_tracked(self, name: str, count: int | None = None, properties: dict | None = None,
@@ -5977,6 +6344,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="turn on a rate limit: " + ", ".join(_RATE_LIMITS))
     parser.add_argument("--tracking-plan", metavar="FILE",
                         help="a JSON tracking plan for the --token project")
+    parser.add_argument("--flags", metavar="FILE",
+                        help='feature flags for the --token project: a JSON list, or {"flags": [...]}')
     parser.add_argument("--plan-enforce", action="store_true",
                         help="refuse events that break the tracking plan")
     args = parser.parse_args(argv)
@@ -5988,6 +6357,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--strict-auth needs a project: --token (or MIXPANEL_TOKEN) or --state-file")
     if args.tracking_plan and not args.token:
         parser.error("--tracking-plan needs --token")
+    if args.flags and not args.token:
+        parser.error("--flags needs --token")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s")
     try:
@@ -5995,8 +6366,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.tracking_plan:
             with open(args.tracking_plan, encoding="utf-8") as handle:
                 plan = json.load(handle)
+        flags = None
+        if args.flags:
+            with open(args.flags, encoding="utf-8") as handle:
+                flags = json.load(handle)
+            if isinstance(flags, dict):
+                flags = flags.get("flags")
         projects = [Project(args.token, api_secret=args.api_secret, tracking_plan=plan,
-                            plan_enforce=args.plan_enforce)] if args.token else []
+                            plan_enforce=args.plan_enforce, flags=flags)] if args.token else []
         limits = {}
         for item in args.rate_limit:
             name, _, value = item.partition("=")

@@ -14,6 +14,7 @@ import datetime
 import gzip
 import http.client
 import json
+import logging
 import os
 import shutil
 import socket
@@ -3133,6 +3134,202 @@ class TestNodeSdk(_ServerTestCase):
         self.assertEqual(MP.groups(), {("company", "acme"): {"name": "Acme", "since": 2020, "tags": ["y"]}})
         self.node([["groups.delete_group", "company", "acme"]])
         self.assertEqual(MP.groups(), {})
+
+
+# =============================================================================
+# Feature flags: definitions, remote evaluation, agreement with the SDK
+# =============================================================================
+
+try:
+    import httpx
+    from mixpanel.flags.local_feature_flags import LocalFeatureFlagsProvider
+    from mixpanel.flags.types import LocalFlagsConfig, SelectedVariant
+except ImportError:  # the SDK tests skip (or fail when SDKs are required)
+    LocalFeatureFlagsProvider = None
+
+FLAG_TOKEN = "tok_flags"
+
+
+def _flag_set():
+    """Flags that exercise every step of evaluation."""
+    return [
+        {"key": "plain", "ruleset": {"variants": [{"key": "On", "value": True, "split": 1.0}],
+                                     "rollout": [{"rollout_percentage": 0.3}]}},
+        {"key": "ab", "hash_salt": "s4lt",
+         "ruleset": {"variants": [{"key": "b", "value": "blue", "split": 0.25},
+                                  {"key": "a", "value": "red", "split": 0.75},
+                                  {"key": "c", "value": {"n": 1}, "split": 0.0}],
+                     "rollout": [{"rollout_percentage": 0.2, "variant_override": {"key": "C"}},
+                                 {"rollout_percentage": 0.9, "variant_splits": {"a": 0.5, "b": 0.5}}],
+                     "test": {"users": {"qa-1": "B", "qa-2": "nope"}}}},
+        {"key": "rules", "ruleset": {
+            "variants": [{"key": "x", "value": 1, "split": 0.5}, {"key": "y", "value": 2, "split": 0.5}],
+            "rollout": [{"rollout_percentage": 1.0, "runtime_evaluation_rule": {"and": [
+                {"==": [{"var": "plan"}, "PRO"]}, {">=": [{"var": "seats"}, 3]}]}},
+                        {"rollout_percentage": 0.5, "runtime_evaluation_definition": {"country": "FR"}},
+                        {"rollout_percentage": 1.0, "runtime_evaluation_rule": {
+                            "in": [{"var": "tier"}, ["gold", "silver"]]}}]}},
+        {"key": "by-company", "context": "company_id",
+         "ruleset": {"variants": [{"key": "on", "value": True, "split": 1.0}],
+                     "rollout": [{"rollout_percentage": 0.5}]}},
+    ]
+
+
+def _contexts(count):
+    plans = ["pro", "Pro", "free", None]
+    for index in range(count):
+        custom = {}
+        if index % 3:
+            custom["Plan"] = plans[index % 4]
+            custom["seats"] = index % 6
+        if index % 5 == 0:
+            custom["country"] = "fr" if index % 10 else "DE"
+        if index % 7 == 0:
+            custom["tier"] = "Gold" if index % 2 else "bronze"
+        context = {"distinct_id": f"user-{index}"}
+        if custom:
+            context["custom_properties"] = custom
+        if index % 4 == 0:
+            context["company_id"] = f"co-{index // 4}"
+        yield context
+    yield {"distinct_id": "qa-1"}
+    yield {"distinct_id": "qa-2"}
+
+
+def _http_json(method, path, body=None, headers=None, port=None):
+    """(status, decoded JSON) of one request; a dict or list body is sent as JSON."""
+    if isinstance(body, (dict, list)):
+        body = json.dumps(body)
+    status, _, raw = _http(method, path, body, headers, port=port)
+    return status, json.loads(raw)
+
+
+class TestFlags(unittest.TestCase):
+    """/flags/definitions and /flags, set from Python and over HTTP."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.fake = MixpanelFake(projects=[Project(FLAG_TOKEN, project_id=77)]).start()
+        cls.addClassCleanup(cls.fake.stop)
+
+    def setUp(self):
+        self.fake.set_flags([])
+
+    def get(self, path, headers=None):
+        return _http_json("GET", path, headers=headers, port=self.fake.port)
+
+    def evaluate(self, context, auth=FLAG_TOKEN, **params):
+        query = urllib.parse.urlencode(dict(params, context=json.dumps(context)))
+        return self.get("/flags?" + query, _basic(auth))
+
+    def test_definitions_shape(self):
+        flag = self.fake.add_flag("new-checkout", {"control": False, "treatment": True}, rollout=0.5,
+                                  test_users={"qa": "treatment"}, experiment_id="exp-1")
+        status, body = self.get("/flags/definitions", _basic(FLAG_TOKEN))
+        self.assertEqual(status, 200)
+        self.assertEqual(body, {"flags": [flag]})
+        self.assertEqual(flag, {
+            "id": "new-checkout", "name": "new-checkout", "key": "new-checkout", "status": "enabled",
+            "project_id": 77, "workspace_id": None, "context": "distinct_id",
+            "experiment_id": "exp-1", "is_experiment_active": None,
+            "ruleset": {"variants": [{"key": "control", "value": False, "is_control": False, "split": 0.5},
+                                     {"key": "treatment", "value": True, "is_control": False, "split": 0.5}],
+                        "rollout": [{"rollout_percentage": 0.5}],
+                        "test": {"users": {"qa": "treatment"}}}})
+        # The token as ?token= works too (the browser SDK), and trailing slashes.
+        self.assertEqual(self.get(f"/flags/definitions/?token={FLAG_TOKEN}")[1], body)
+
+    def test_remote_evaluation(self):
+        self.fake.set_flags(_flag_set())
+        status, body = self.evaluate({"distinct_id": "qa-1"})
+        self.assertEqual(status, 200)
+        self.assertEqual(body["code"], 200)
+        self.assertEqual(body["flags"]["ab"], {"variant_key": "b", "variant_value": "blue",
+                                               "experiment_id": None, "is_experiment_active": None,
+                                               "is_qa_tester": True})
+        # Only one flag asked for: only it is evaluated.
+        status, body = self.evaluate({"distinct_id": "qa-1"}, flag_key="plain")
+        self.assertEqual(set(body["flags"]) - {"plain"}, set())
+        self.assertNotIn("ab", body["flags"])
+        # 100% rollout behind a rule: in only when the rule holds (case-insensitively).
+        _, body = self.evaluate({"distinct_id": "u", "custom_properties": {"PLAN": "pro", "seats": 3}})
+        self.assertIn("rules", body["flags"])
+        _, body = self.evaluate({"distinct_id": "u", "custom_properties": {"plan": "pro", "seats": 2}})
+        self.assertNotIn("rules", body["flags"])
+        # A flag keyed on another context value is off without it.
+        _, body = self.evaluate({"distinct_id": "u"})
+        self.assertNotIn("by-company", body["flags"])
+
+    def test_errors(self):
+        status, body = self.evaluate({"user": "x"})
+        self.assertEqual((status, body["error"]),
+                         (400, "distinct_id must be provided in evalContext as a string"))
+        status, _ = self.get("/flags?context=%7B")
+        self.assertEqual(status, 401)
+        with self.assertRaisesRegex(ValueError, "rollout_percentage"):
+            self.fake.set_flags([{"key": "k", "ruleset": {"variants": [{"key": "a"}],
+                                                            "rollout": [{"rollout_percentage": "1"}]}}])
+        with self.assertRaisesRegex(ValueError, "share a key"):
+            self.fake.set_flags([_flag_set()[0], _flag_set()[0]])
+        status, body = _http_json("POST", "/__parlel/flags", {"flags": [{"key": ""}]}, port=self.fake.port)
+        self.assertEqual((status, body["error"]), (400, "a flag is a JSON object with a key"))
+
+    def test_set_over_http_and_first_time_events(self):
+        status, body = _http_json("POST", "/__parlel/flags", {"flags": _flag_set()}, port=self.fake.port)
+        self.assertEqual((status, body), (200, {"ok": True, "project": FLAG_TOKEN, "flags": 4}))
+        status, body = _http_json("GET", "/__parlel/flags", port=self.fake.port)
+        self.assertEqual([flag["key"] for flag in body["flags"]], ["plain", "ab", "rules", "by-company"])
+        status, _ = _http_json("POST", "/flags/ab/first-time-events", {"distinct_id": "u"},
+                               headers=_basic(FLAG_TOKEN), port=self.fake.port)
+        self.assertEqual(status, 200)
+
+    def test_cli_flags_file(self):
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "flags.json")
+            with open(path, "w", encoding="utf-8") as handle:
+                json.dump({"flags": _flag_set()}, handle)
+            proc = subprocess.Popen([sys.executable, os.path.join(HERE, "mixpanel_fake.py"), "--port", "0",
+                                     "--token", FLAG_TOKEN, "--flags", path],
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            self.addCleanup(proc.stdout.close)
+            self.addCleanup(proc.wait, 5)
+            self.addCleanup(proc.kill)
+            port = int(proc.stdout.readline().rsplit(":", 1)[1])
+            status, body = _http_json("GET", "/flags/definitions", headers=_basic(FLAG_TOKEN), port=port)
+            self.assertEqual(status, 200)
+            self.assertEqual([flag["key"] for flag in body["flags"]], ["plain", "ab", "rules", "by-company"])
+
+    def test_agrees_with_the_python_sdks_local_evaluation(self):
+        """The SDK fetches the fake's definitions (its own parsing and variant
+        sort), evaluates locally; the fake's /flags must say the same."""
+        _require(LocalFeatureFlagsProvider is not None, "the Python mixpanel SDK is not installed", self)
+        self.fake.set_flags(_flag_set())
+        sdk_log = logging.getLogger("mixpanel")  # it warns on every context without company_id
+        self.addCleanup(sdk_log.setLevel, sdk_log.level)
+        sdk_log.setLevel(logging.ERROR)
+        raw = _http("GET", "/flags/definitions", headers=_basic(FLAG_TOKEN), port=self.fake.port)[2]
+        provider = LocalFeatureFlagsProvider(FLAG_TOKEN, LocalFlagsConfig(enable_polling=False), "test",
+                                             tracker=lambda *args, **kwargs: None)
+        request = httpx.Request("GET", "https://example.invalid/flags/definitions")
+        provider._handle_response(httpx.Response(200, content=raw, request=request),
+                                  datetime.datetime.now(), datetime.datetime.now())
+        self.assertEqual(len(provider._flag_definitions), 4)
+        seen = {}
+        for context in _contexts(3000):
+            _, remote = self.evaluate(context)
+            for key in ("plain", "ab", "rules", "by-company"):
+                local = provider.get_variant(key, SelectedVariant(variant_key=None, variant_value=None),
+                                             context, report_exposure=False)
+                mine = remote["flags"].get(key)
+                got = None if mine is None else (mine["variant_key"], mine["variant_value"],
+                                                 mine["is_qa_tester"])
+                want = None if local.variant_key is None else (local.variant_key, local.variant_value,
+                                                               bool(local.is_qa_tester))
+                self.assertEqual(got, want, f"flag {key}, context {context}")
+                seen.setdefault(key, set()).add(None if got is None else got[0])
+        # Every branch was taken: in and out of each flag, each variant chosen.
+        self.assertEqual(seen, {"plain": {None, "On"}, "ab": {None, "a", "b", "c"},
+                                "rules": {None, "x", "y"}, "by-company": {None, "on"}})
 
 
 # =============================================================================
