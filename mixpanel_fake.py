@@ -40,6 +40,7 @@ import selectors
 import signal
 import socket
 import socketserver
+import ssl
 import sys
 import tempfile
 import threading
@@ -72,6 +73,48 @@ _log = logging.getLogger("mixpanel_fake")
 #: The port the CLI listens on (the seed's contract; the library uses port 0).
 DEFAULT_PORT = 4808
 _DEFAULT_HOST = "127.0.0.1"
+
+# TLS for loopback tests (README "TLS"): a test CA and a leaf certificate for
+# localhost, 127.0.0.1 and ::1, made once offline with openssl (EC P-256,
+# valid to 2126; the CA is critical CA:TRUE with keyCertSign, the leaf has a
+# SAN, serverAuth and key identifiers, as Python 3.13's strict checks ask).
+# THE PRIVATE KEY IS PUBLIC: it ships in this file.  Never use it beyond loopback.
+_TLS_CA_PEM = """\
+-----BEGIN CERTIFICATE-----
+MIIBzTCCAXOgAwIBAgIUeF+ItUhUPK0L7yumKIKPzGhvQDEwCgYIKoZIzj0EAwIw
+QjFAMD4GA1UEAww3bWl4cGFuZWxfZmFrZSB0ZXN0IENBIChwdWJsaWMga2V5LCBs
+b29wYmFjayB0ZXN0cyBvbmx5KTAgFw0yNjEyMDMyMDA1MjlaGA8yMTI2MTEwOTIw
+MDUyOVowQjFAMD4GA1UEAww3bWl4cGFuZWxfZmFrZSB0ZXN0IENBIChwdWJsaWMg
+a2V5LCBsb29wYmFjayB0ZXN0cyBvbmx5KTBZMBMGByqGSM49AgEGCCqGSM49AwEH
+A0IABPHuonp7+p3CyDT4ZooEvC6EdyLA+L0dAWDPZYU8FnZpNkBEU4W+J7YUr/0Q
+wf8Y+3S460BmQvtJzdZp5D/kakKjRTBDMBIGA1UdEwEB/wQIMAYBAf8CAQAwDgYD
+VR0PAQH/BAQDAgEGMB0GA1UdDgQWBBS0cHYrp+4wy/I11k+Nr4Cvzm9/IzAKBggq
+hkjOPQQDAgNIADBFAiBDp6NA6eNYB9HsAP5dZKLJouG6WYAHznlmCsT+igXZ6AIh
+AM5EWDBC8hIAEep+TimyvRZtO79xNCakMC921f4QyeCt
+-----END CERTIFICATE-----
+"""
+_TLS_CERT_PEM = """\
+-----BEGIN CERTIFICATE-----
+MIICADCCAaWgAwIBAgIUIfqz+vnCFa+zRmy+lLRW1LvSzjIwCgYIKoZIzj0EAwIw
+QjFAMD4GA1UEAww3bWl4cGFuZWxfZmFrZSB0ZXN0IENBIChwdWJsaWMga2V5LCBs
+b29wYmFjayB0ZXN0cyBvbmx5KTAgFw0yNjEyMDMyMDA1MzFaGA8yMTI2MTEwOTIw
+MDUzMVowFDESMBAGA1UEAwwJbG9jYWxob3N0MFkwEwYHKoZIzj0CAQYIKoZIzj0D
+AQcDQgAEPPY6ZMZNeWQj8bIDpVz3vX4nrPt678UMF0iGwFBqKLUoQ6tUY2oPLsLH
+23boPvkLKfdCXhHc0DrHoq9JZ51F56OBpDCBoTAMBgNVHRMBAf8EAjAAMA4GA1Ud
+DwEB/wQEAwIHgDATBgNVHSUEDDAKBggrBgEFBQcDATAsBgNVHREEJTAjgglsb2Nh
+bGhvc3SHBH8AAAGHEAAAAAAAAAAAAAAAAAAAAAEwHQYDVR0OBBYEFE8Oz03CXfGw
+dA6q2Po8Kks6JYePMB8GA1UdIwQYMBaAFLRwdiun7jDL8jXWT42vgK/Ob38jMAoG
+CCqGSM49BAMCA0kAMEYCIQDT7dcBNgOxLhdm8Aa6dkGZfZPeDNtETkXzCxXXFgPW
+PQIhAJ1t3fRzst0pSqgr4wagUfBNHj6ijES01W3mof8cPsBb
+-----END CERTIFICATE-----
+"""
+_TLS_KEY_PEM = """\
+-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgS3vjEPNI/8zSsE9w
+56T3Nrr8hbCYUTIkCe57aD0eFYyhRANCAAQ89jpkxk15ZCPxsgOlXPe9fies+3rv
+xQwXSIbAUGootShDq1Rjag8uwsfbdug++Qsp90JeEdzQOseir0lnnUXn
+-----END PRIVATE KEY-----
+"""
 
 # The Node SDK sends every single call as a GET with the whole base64 payload
 # in the query string; an event near Mixpanel's 1 MB limit is ~1.4 MB there.
@@ -5748,11 +5791,13 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], store: Store):
+    def __init__(self, address: tuple[str, int], store: Store,
+                 tls: ssl.SSLContext | None = None):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
         self.store = store
+        self.tls = tls
         self.closing = False
         self._handlers: set = set()
         self._handlers_lock = threading.Lock()
@@ -5766,6 +5811,16 @@ class _Server(ThreadingHTTPServer):
         socketserver.TCPServer.server_bind(self)
         self.server_name = self.server_address[0]
         self.server_port = self.server_address[1]
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept; with TLS, wrap the connection but leave the handshake to
+        the handler's thread (its first read), so a slow or plain-HTTP client
+        never blocks accepting others."""
+        connection, address = super().get_request()
+        if self.tls is not None:
+            connection = self.tls.wrap_socket(connection, server_side=True,
+                                              do_handshake_on_connect=False)
+        return connection, address
 
     def track_connection(self, handler: _Handler, opened: bool) -> None:
         with self._handlers_lock:
@@ -5823,9 +5878,43 @@ class _Server(ThreadingHTTPServer):
         _log.debug("connection error from %s", client_address, exc_info=True)
 
 
-def _make_server(host: str, port: int, store: Store) -> _Server:
+def _make_server(host: str, port: int, store: Store,
+                 tls: ssl.SSLContext | None = None) -> _Server:
     """Bind in the caller's thread, so bind errors and the port are known now."""
-    return _Server((host, port), store)
+    return _Server((host, port), store, tls)
+
+
+_TLS_DIR: list[str] = []  # where the embedded certificate files were written, once
+
+
+def _embedded_tls_files() -> tuple[str, str, str]:
+    """(certfile, keyfile, ca_file) of the embedded test certificate, written
+    once per process to a private temporary folder (ssl loads only files)."""
+    if not _TLS_DIR:
+        folder = tempfile.mkdtemp(prefix="mixpanel_fake_tls_")
+        for name, text in (("cert.pem", _TLS_CERT_PEM), ("key.pem", _TLS_KEY_PEM),
+                           ("ca.pem", _TLS_CA_PEM)):
+            with open(os.path.join(folder, name), "w", encoding="ascii") as handle:
+                handle.write(text)
+        _TLS_DIR.append(folder)
+    folder = _TLS_DIR[0]
+    return (os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem"),
+            os.path.join(folder, "ca.pem"))
+
+
+def _tls_context(certfile: str | None, keyfile: str | None) -> tuple[ssl.SSLContext, str]:
+    """A server context and the file clients must trust: the embedded test
+    certificate, or the caller's own (then the certfile is what to trust)."""
+    if certfile is None:
+        if keyfile is not None:
+            raise ValueError("keyfile needs certfile")
+        certfile, keyfile, ca_file = _embedded_tls_files()
+    else:
+        ca_file = certfile
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certfile, keyfile)
+    return context, ca_file
 
 
 def _is_loopback(host: str) -> bool:
@@ -5838,10 +5927,10 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _url(host: str, port: int) -> str:
+def _url(host: str, port: int, scheme: str = "http") -> str:
     """The URL a client on this machine uses (wildcard binds: loopback)."""
     host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 def _check_expectation(name: Any, count: Any) -> None:
@@ -5934,12 +6023,19 @@ class MixpanelFake:
                  projects: list[Project] | None = None,
                  clock: Callable[[], float] | None = None, strict_auth: bool = False,
                  journal_size: int = _JOURNAL_SIZE, max_events: int | None = None,
-                 rate_limits: dict | None = None, state_file: str | None = None):
+                 rate_limits: dict | None = None, state_file: str | None = None,
+                 tls: bool = False, certfile: str | None = None, keyfile: str | None = None):
         self.store = Store(projects, clock, strict_auth, journal_size, max_events, rate_limits)
         self.state_file = state_file
         if state_file is not None:
             _load_state(self.store, state_file, projects or [])
-        self._server = _make_server(host, port, self.store)
+        context = None
+        #: The file a client must trust to verify the fake (tls only), else None.
+        self.ca_file: str | None = None
+        if tls or certfile is not None:
+            context, self.ca_file = _tls_context(certfile, keyfile)
+        self.tls = context is not None
+        self._server = _make_server(host, port, self.store, context)
         self.host = host
         self.port: int = self._server.server_address[1]
         if not _is_loopback(host):
@@ -5950,7 +6046,13 @@ class MixpanelFake:
 
     @property
     def url(self) -> str:
-        return _url(self.host, self.port)
+        return _url(self.host, self.port, "https" if self.tls else "http")
+
+    @property
+    def api_host(self) -> str:
+        """``host:port``, for clients that take a host and add https:// themselves
+        (the Python SDK's ``api_host``, its flags configs)."""
+        return self.url.split("://", 1)[1]
 
     @property
     def urls(self) -> dict[str, str]:
@@ -6344,6 +6446,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="turn on a rate limit: " + ", ".join(_RATE_LIMITS))
     parser.add_argument("--tracking-plan", metavar="FILE",
                         help="a JSON tracking plan for the --token project")
+    parser.add_argument("--tls", action="store_true",
+                        help="serve HTTPS with the embedded test certificate (loopback only)")
+    parser.add_argument("--certfile", metavar="PEM", help="serve HTTPS with this certificate")
+    parser.add_argument("--keyfile", metavar="PEM", help="the --certfile's private key")
     parser.add_argument("--flags", metavar="FILE",
                         help='feature flags for the --token project: a JSON list, or {"flags": [...]}')
     parser.add_argument("--plan-enforce", action="store_true",
@@ -6388,13 +6494,22 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     if args.log_events:
         store.log_sink = functools.partial(print, flush=True)
+    context, ca_file = None, None
     try:
-        server = _make_server(args.host, args.port, store)
+        if args.tls or args.certfile:
+            context, ca_file = _tls_context(args.certfile, args.keyfile)
+    except (OSError, ValueError, ssl.SSLError) as exc:
+        parser.error(f"TLS: {exc}")
+    try:
+        server = _make_server(args.host, args.port, store, context)
     except OSError as exc:
         print(f"mixpanel_fake: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
     port = server.server_address[1]
-    print(f"mixpanel_fake listening on {_url(args.host, port)}", flush=True)
+    print(f"mixpanel_fake listening on {_url(args.host, port, 'https' if context else 'http')}",
+          flush=True)
+    if ca_file:
+        print(f"mixpanel_fake: clients must trust {ca_file}", flush=True)
     if not _is_loopback(args.host):
         print(f"mixpanel_fake: warning: bound to {args.host}, reachable beyond this machine; "
               "it accepts any credentials", file=sys.stderr, flush=True)

@@ -18,13 +18,17 @@ import logging
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import unittest
+import urllib.error
 import urllib.parse
+import urllib.request
+import unittest.mock
 
 import mixpanel_fake
 from mixpanel_fake import MixpanelFake, Project, WaitTimeout
@@ -3330,6 +3334,117 @@ class TestFlags(unittest.TestCase):
         # Every branch was taken: in and out of each flag, each variant chosen.
         self.assertEqual(seen, {"plain": {None, "On"}, "ab": {None, "a", "b", "c"},
                                 "rules": {None, "x", "y"}, "by-company": {None, "on"}})
+
+
+class TestTls(unittest.TestCase):
+    """MixpanelFake(tls=True): HTTPS from the same handler, embedded test CA."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.fake = MixpanelFake(tls=True, projects=[Project(FLAG_TOKEN, project_id=78)]).start()
+        cls.addClassCleanup(cls.fake.stop)
+
+    def setUp(self):
+        self.fake.reset()
+        self.fake.set_flags([])
+
+    def strict_context(self):
+        context = ssl.create_default_context(cafile=self.fake.ca_file)
+        context.verify_flags |= getattr(ssl, "VERIFY_X509_STRICT", 0)  # Python 3.13's default
+        return context
+
+    def test_https_verifies_for_every_loopback_name(self):
+        self.assertTrue(self.fake.url.startswith("https://127.0.0.1:"))
+        self.assertEqual(self.fake.api_host, f"127.0.0.1:{self.fake.port}")
+        for host in ("localhost", "127.0.0.1"):
+            with urllib.request.urlopen(f"https://{host}:{self.fake.port}/health",
+                                        context=self.strict_context(), timeout=10) as answer:
+                self.assertEqual(json.loads(answer.read()), {"status": "ok"})
+
+    def test_an_untrusted_client_is_refused_and_plain_http_gets_no_hang(self):
+        with self.assertRaises(urllib.error.URLError):
+            urllib.request.urlopen(self.fake.url + "/health", context=ssl.create_default_context(),
+                                   timeout=10)
+        raw = _raw_request(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", port=self.fake.port)
+        self.assertNotIn(b"200 OK", raw)  # a TLS alert or a closed socket, within the timeout
+        self.assertEqual(urllib.request.urlopen(self.fake.url + "/health", context=self.strict_context(),
+                                                timeout=10).status, 200)
+
+    def test_python_sdk_tracks_and_gets_remote_flags_over_tls(self):
+        _require(LocalFeatureFlagsProvider is not None, "the Python mixpanel SDK is not installed", self)
+        from mixpanel.flags.types import RemoteFlagsConfig
+        self.fake.add_flag("new-checkout", {"on": True}, test_users={"qa": "on"})
+        trust = {"REQUESTS_CA_BUNDLE": self.fake.ca_file, "SSL_CERT_FILE": self.fake.ca_file}
+        with unittest.mock.patch.dict(os.environ, trust):
+            consumer = mixpanel.Consumer(api_host=self.fake.api_host, retry_limit=0)
+            with mixpanel.Mixpanel(FLAG_TOKEN, consumer=consumer, remote_flags_config=RemoteFlagsConfig(
+                    api_host=self.fake.api_host)) as client:
+                client.track("u1", "Signed Up", {"plan": "pro"})
+                variant = client.remote_flags.get_variant(
+                    "new-checkout", SelectedVariant(variant_key=None, variant_value=None), {"distinct_id": "qa"})
+        self.assertEqual((variant.variant_key, variant.variant_value, variant.is_qa_tester,
+                          variant.variant_source), ("on", True, True, "remote"))
+        (tracked,) = self.fake.events(name="Signed Up")
+        self.assertEqual(tracked["properties"]["plan"], "pro")
+        (exposure,) = self.fake.wait_for_events(1, name="$experiment_started")
+        self.assertEqual({k: exposure["properties"][k] for k in ("distinct_id", "Experiment name", "Variant name",
+                                                                "Flag evaluation mode")},
+                         {"distinct_id": "qa", "Experiment name": "new-checkout", "Variant name": "on",
+                          "Flag evaluation mode": "remote"})
+
+    def test_python_sdk_local_flags_fetch_definitions_over_tls(self):
+        _require(LocalFeatureFlagsProvider is not None, "the Python mixpanel SDK is not installed", self)
+        self.fake.set_flags(_flag_set())
+        with unittest.mock.patch.dict(os.environ, {"SSL_CERT_FILE": self.fake.ca_file}):
+            provider = LocalFeatureFlagsProvider(FLAG_TOKEN, LocalFlagsConfig(
+                api_host=self.fake.api_host, enable_polling=False), "test", tracker=lambda *a, **k: None)
+            provider.start_polling_for_definitions()
+            self.addCleanup(provider.__exit__, None, None, None)
+        self.assertTrue(provider.are_flags_ready())
+        self.assertEqual(sorted(provider._flag_definitions), ["ab", "by-company", "plain", "rules"])
+        variant = provider.get_variant("ab", SelectedVariant(variant_key=None, variant_value=None),
+                                       {"distinct_id": "qa-1"}, report_exposure=False)
+        self.assertEqual((variant.variant_key, variant.variant_value), ("b", "blue"))
+
+    def test_node_sdk_remote_flags_on_port_443(self):
+        node = shutil.which("node")
+        _require(node is not None and os.path.isdir(NODE_SDK), "node and conformance/node_modules are needed", self)
+        try:
+            fake = MixpanelFake(port=443, tls=True, projects=[Project(FLAG_TOKEN)])
+        except PermissionError:
+            _require(False, "port 443 needs root (CI runs as root)", self)
+        except OSError as exc:
+            _require(False, f"port 443 is taken: {exc}", self)
+        with fake:
+            fake.add_flag("new-checkout", {"on": True}, test_users={"qa": "on"})
+            proc = subprocess.run([node, os.path.join(HERE, "conformance", "node_flags.js")],
+                                  input=json.dumps({"host": "localhost", "token": FLAG_TOKEN,
+                                                    "flag": "new-checkout", "context": {"distinct_id": "qa"}}),
+                                  capture_output=True, text=True, timeout=60,
+                                  env=dict(os.environ, NODE_EXTRA_CA_CERTS=fake.ca_file))
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+            answer = json.loads(proc.stdout)
+            self.assertEqual({k: answer["variant"][k] for k in ("variant_key", "variant_value", "is_qa_tester")},
+                             {"variant_key": "on", "variant_value": True, "is_qa_tester": True})
+            self.assertEqual(set(answer["all"]), {"new-checkout"})
+            self.assertIs(answer["enabled"], True)
+            exposures = fake.wait_for_events(2, name="$experiment_started")
+            self.assertEqual({e["properties"]["Flag evaluation mode"] for e in exposures}, {"remote"})
+            self.assertEqual(len(fake.requests(path="/flags")), 3)
+
+    def test_cli_tls(self):
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "mixpanel_fake.py"), "--port", "0", "--tls"],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.addCleanup(proc.stdout.close)
+        self.addCleanup(proc.wait, 5)
+        self.addCleanup(proc.kill)
+        url = proc.stdout.readline().split()[-1]
+        self.assertRegex(url, r"^https://127\.0\.0\.1:\d+$")
+        trust = proc.stdout.readline()
+        self.assertRegex(trust, r"^mixpanel_fake: clients must trust \S+ca\.pem\n$")
+        context = ssl.create_default_context(cafile=trust.split()[-1])
+        with urllib.request.urlopen(url + "/health", context=context, timeout=10) as answer:
+            self.assertEqual(answer.status, 200)
 
 
 # =============================================================================
