@@ -347,10 +347,35 @@ def _is_default_property(name: str) -> bool:
 
 # --- feature flag definitions (ingestion-api.md §9; sdks.md §1.4) -----------------
 
+def _depth(value: Any) -> int:
+    """How deeply a JSON value nests (iteratively: no recursion limit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def _fraction(value: Any) -> bool:
+    """A share of contexts: a finite number from 0 to 1 (not a boolean)."""
+    return (not isinstance(value, bool) and isinstance(value, (int, float))
+            and math.isfinite(value) and 0 <= value <= 1)
+
+
 def _check_flag(flag: Any, project_id: Any) -> dict:
-    """A flag definition in the shape /flags/definitions serves."""
+    """A flag definition in the shape /flags/definitions serves, checked so
+    that the SDKs can read back whatever the fake accepts."""
     if not isinstance(flag, dict) or not isinstance(flag.get("key"), str) or not flag["key"]:
         raise ValueError("a flag is a JSON object with a key")
+    if _depth(flag) > _LOGIC_MAX_DEPTH:
+        raise ValueError(f"flag {flag['key']!r}: nested more than {_LOGIC_MAX_DEPTH} levels deep")
+    try:
+        json.dumps(flag, allow_nan=False, ensure_ascii=False).encode("utf-8")
+    except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
+        raise ValueError(f"flag {flag['key']!r} is not JSON the SDKs can read "
+                         f"(NaN, infinity, a lone surrogate, a huge integer?): {exc}") from None
     ruleset = flag.get("ruleset")
     if not isinstance(ruleset, dict) or not isinstance(ruleset.get("variants"), list) or \
             not ruleset["variants"] or not isinstance(ruleset.get("rollout", []), list):
@@ -359,24 +384,26 @@ def _check_flag(flag: Any, project_id: Any) -> dict:
         if not isinstance(variant, dict) or not isinstance(variant.get("key"), str):
             raise ValueError(f"flag {flag['key']!r}: each variant needs a key")
     for variant in ruleset["variants"]:
-        if isinstance(variant.get("split", 0), bool) or not isinstance(variant.get("split", 0), (int, float)):
-            raise ValueError(f"flag {flag['key']!r}: a variant's split is a number (0 to 1)")
+        if not _fraction(variant.get("split", 0)):
+            raise ValueError(f"flag {flag['key']!r}: a variant's split is a number from 0 to 1")
     for rollout in ruleset.get("rollout", []):
         percentage = rollout.get("rollout_percentage") if isinstance(rollout, dict) else None
-        if isinstance(percentage, bool) or not isinstance(percentage, (int, float)):
-            raise ValueError(f"flag {flag['key']!r}: each rollout needs a rollout_percentage (0 to 1)")
+        if not _fraction(percentage):
+            raise ValueError(f"flag {flag['key']!r}: each rollout needs a rollout_percentage from 0 to 1")
         splits = rollout.get("variant_splits") or {}
-        if not isinstance(splits, dict) or any(
-                isinstance(v, bool) or not isinstance(v, (int, float)) for v in splits.values()):
-            raise ValueError(f"flag {flag['key']!r}: variant_splits maps variant keys to numbers")
+        if not isinstance(splits, dict) or not all(_fraction(v) for v in splits.values()):
+            raise ValueError(f"flag {flag['key']!r}: variant_splits maps variant keys to numbers from 0 to 1")
         override = rollout.get("variant_override")
         if override is not None and not (isinstance(override, dict) and isinstance(override.get("key"), str)):
             raise ValueError(f"flag {flag['key']!r}: variant_override is {{\"key\": variant key}} or null")
         legacy = rollout.get("runtime_evaluation_definition") or {}
         if not isinstance(legacy, dict) or not all(isinstance(v, str) for v in legacy.values()):
             raise ValueError(f"flag {flag['key']!r}: runtime_evaluation_definition maps names to strings")
-    if not isinstance((ruleset.get("test") or {}).get("users") or {}, dict):
-        raise ValueError(f"flag {flag['key']!r}: ruleset.test.users maps distinct_id to a variant key")
+    test = ruleset.get("test")
+    if test is not None and not isinstance(test, dict) or test and (
+            not isinstance(test.get("users"), dict)
+            or not all(isinstance(v, str) for v in test["users"].values())):
+        raise ValueError(f"flag {flag['key']!r}: ruleset.test is {{\"users\": {{distinct_id: variant key}}}}")
     if not isinstance(flag.get("context", "distinct_id"), str) or not flag.get("context", "distinct_id"):
         raise ValueError(f"flag {flag['key']!r}: context is the name of a context key")
     if flag.get("hash_salt") is not None and not isinstance(flag["hash_salt"], str):
@@ -424,7 +451,7 @@ class Project:
                  api_secret: str | None = None, service_accounts: Any = None,
                  timezone: str = "UTC", id_merge: str = "simplified",
                  tracking_plan: dict | None = None, plan_enforce: bool = False,
-                 flags: list | None = None):
+                 flags: list | None = None, sdk_config: dict | None = None):
         if not isinstance(token, str) or not token:
             raise ValueError("a project needs a non-empty string token")
         if id_merge not in ("simplified", "original"):
@@ -440,6 +467,9 @@ class Project:
         self.tracking_plan = _check_plan(tracking_plan)
         self.plan_enforce = bool(plan_enforce)
         self.flags = _check_flags(flags, self.project_id)
+        if sdk_config is not None and not isinstance(sdk_config, dict):
+            raise ValueError("sdk_config is a JSON object of browser SDK settings")
+        self.sdk_config = dict(sdk_config or {})  # what /settings serves (browser SDK)
 
     def __repr__(self) -> str:
         # Never show the secret or service-account secrets.
@@ -451,7 +481,8 @@ class Project:
         return {"token": self.token, "project_id": self.project_id, "api_secret": self.api_secret,
                 "service_accounts": dict(self.service_accounts), "timezone": self.timezone,
                 "id_merge": self.id_merge, "tracking_plan": self.tracking_plan,
-                "plan_enforce": self.plan_enforce, "flags": self.flags}
+                "plan_enforce": self.plan_enforce, "flags": self.flags,
+                "sdk_config": self.sdk_config}
 
     def describe(self) -> dict[str, Any]:
         """What the inspection API shows of a project: no secrets."""
@@ -509,7 +540,7 @@ class _ProjectState:
     """
 
     __slots__ = ("events", "event_ids", "profiles", "groups", "rejected", "identity",
-                 "sessions", "funnels", "cohorts", "annotations", "insights")
+                 "sessions", "funnels", "cohorts", "annotations", "insights", "recordings")
 
     def __init__(self) -> None:
         self.events: list[dict] = []
@@ -525,6 +556,7 @@ class _ProjectState:
         self.cohorts: dict[str, dict] = {}
         self.annotations: dict[int, dict] = {}
         self.insights: dict[int, dict] = {}
+        self.recordings: list[dict] = []  # session-replay batches (/record)
 
 
 class _Update:
@@ -922,6 +954,14 @@ class Store:
                 if found is not None:
                     return found
         return distinct_id
+
+    def recording_rows(self, project: str | None = None) -> list[dict]:
+        """Session-replay batches in arrival order (each batch is never changed)."""
+        with self.lock:
+            parts = [list(s.recordings) for _, s in self._states(project)]
+        rows = [r for part in parts for r in part]
+        rows.sort(key=lambda row: row["time"])
+        return rows
 
     def rejected_rows(self, project: str | None = None) -> list[dict]:
         with self.lock:
@@ -3018,92 +3058,260 @@ def _casefold_all(value: Any, keys: bool) -> Any:
     return value
 
 
+# The SDKs run runtime rules through json-logic (Python: json_logic 0.7.0a0,
+# plus Mixpanel's semver_compare and datetime_compare).  Its semantics are
+# imitated exactly, quirks included, because remote and local answers must
+# agree: every argument is evaluated first (no short-circuit), a dict's first
+# key is its operator, and any error makes the whole rule false.
+
+
 def _logic_loose_equal(a: Any, b: Any) -> bool:
-    """JSONLogic `==`: text when either side is text, truthiness when either
+    """`==`: as text when either side is text, as truth values when either
     is a boolean, else plain equality."""
     if isinstance(a, str) or isinstance(b, str):
-        return _logic_text(a) == _logic_text(b)
+        return str(a) == str(b)
     if isinstance(a, bool) or isinstance(b, bool):
-        return bool(a) == bool(b)
+        return bool(a) is bool(b)
     return a == b
 
 
-def _logic_text(value: Any) -> str:
-    return str(value)  # the Python evaluator's own str(): True -> "True"
+def _logic_strict_equal(a: Any, b: Any) -> bool:
+    return type(a) is type(b) and a == b
 
 
-def _logic_less(a: Any, b: Any) -> bool:
-    if isinstance(a, (int, float)) or isinstance(b, (int, float)):
+def _logic_less(a: Any, b: Any, *more: Any) -> bool:
+    """`<`, chained for three arguments; numbers compare as floats when
+    either side's exact type is int or float.  Other mixes may raise."""
+    if {type(a), type(b)} & {int, float}:
         try:
             a, b = float(a), float(b)
-        except (TypeError, ValueError):
+        except TypeError:
             return False
+    return a < b and (not more or _logic_less(b, *more))
+
+
+def _logic_less_equal(a: Any, b: Any, *more: Any) -> bool:
+    return ((_logic_less(a, b) or _logic_loose_equal(a, b))
+            and (not more or _logic_less_equal(b, *more)))
+
+
+def _logic_number(value: Any) -> Any:
+    if isinstance(value, str):
+        return float(value) if "." in value else int(value)
+    return value
+
+
+def _logic_minus(*args: Any) -> Any:
+    if len(args) == 1:
+        return -_logic_number(args[0])
+    return _logic_number(args[0]) - _logic_number(args[1])
+
+
+def _logic_merge(*args: Any) -> list:
+    merged: list = []
+    for arg in args:
+        merged.extend(arg) if isinstance(arg, (list, tuple)) else merged.append(arg)
+    return merged
+
+
+def _logic_in(a: Any, b: Any) -> bool:
+    return a in b if hasattr(b, "__contains__") else False
+
+
+def _logic_product(*args: Any) -> float:
+    total = 1.0
+    for arg in args:
+        total *= float(arg)
+    return total
+
+
+def _logic_divide(a: Any, b: Any = None) -> Any:
+    return a if b is None else float(a) / float(b)
+
+
+def _logic_if(*args: Any) -> Any:
+    for index in range(0, len(args) - 1, 2):
+        if args[index]:
+            return args[index + 1]
+    return args[-1] if len(args) % 2 else None
+
+
+def _logic_all(*args: Any) -> Any:
+    result: Any = True
+    for arg in args:
+        result = result and arg
+    return result
+
+
+def _logic_any(*args: Any) -> Any:
+    result: Any = False
+    for arg in args:
+        result = result or arg
+    return result
+
+
+_LOGIC_MISSING = object()
+
+
+def _logic_var(data: Any, name: Any = None, *default: Any) -> Any:
+    """A dotted path into the data; a step that fails by key, type or
+    number gives the default (an index past the end is an error)."""
+    if len(default) > 1:
+        raise TypeError("var takes a name and a default")
     try:
-        return a < b
-    except TypeError:
+        for part in str(name).split("."):
+            try:
+                data = data[part]
+            except TypeError:
+                data = data[int(part)]
+    except (KeyError, TypeError, ValueError):
+        return default[0] if default else None
+    return data
+
+
+def _logic_missing(data: Any, *names: Any) -> list:
+    if names and isinstance(names[0], list):
+        names = tuple(names[0])
+    return [name for name in names if _logic_var(data, name, _LOGIC_MISSING) is _LOGIC_MISSING]
+
+
+def _logic_missing_some(data: Any, need: Any, names: Any) -> list:
+    if need < 1:
+        return []
+    found, absent = 0, []
+    for name in names:
+        if _logic_var(data, name, _LOGIC_MISSING) is _LOGIC_MISSING:
+            absent.append(name)
+        else:
+            found += 1
+            if found >= need:
+                return []
+    return absent
+
+
+_SEMVER_RE = re.compile(
+    r"^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)"
+    r"(?:-((?:0|[1-9][0-9]*|[0-9]*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9][0-9]*|[0-9]*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
+    r"(?:\+[0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*)?$")
+_RFC3339_RE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.\d+)?(Z|[+-]\d{2}:\d{2})$")
+_EPOCH_UTC = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+_LOGIC_MAX_DEPTH = 32  # definitions deeper than this are refused when set
+_ORDER_TESTS: dict[str, Callable[[int], bool]] = {
+    "===": lambda c: c == 0, "!==": lambda c: c != 0, "<": lambda c: c < 0,
+    "<=": lambda c: c <= 0, ">": lambda c: c > 0, ">=": lambda c: c >= 0}
+
+
+def _semver_key(text: str) -> tuple | None:
+    """A SemVer 2.0.0 version (leading v dropped, missing minor or patch
+    read as 0) as something that sorts by precedence, or None."""
+    text = text.strip()
+    if text[:1] in ("v", "V"):
+        text = text[1:]
+    cut = min([i for i in (text.find("-"), text.find("+")) if i >= 0] or [len(text)])
+    core = text[:cut].split(".")
+    text = ".".join(core + ["0"] * (3 - len(core))) + text[cut:]
+    match = _SEMVER_RE.match(text)
+    if match is None:
+        return None
+    numbers = tuple((len(part), part) for part in match.groups()[:3])
+    pre = match.group(4)
+    if pre is None:
+        return numbers + ((1,),)  # a release ranks above its prereleases
+    fields = tuple((0, len(f), f) if f.isdigit() else (1, 0, f) for f in pre.split("."))
+    return numbers + ((0, fields),)
+
+
+def _logic_semver(*args: Any) -> bool:
+    """Mixpanel's semver_compare: [actual, comparator, target]."""
+    if len(args) != 3 or not all(isinstance(arg, str) for arg in args):
         return False
+    actual, symbol, target = args
+    if len(actual) > 256 or len(target) > 256 or symbol not in _ORDER_TESTS:
+        return False
+    left, right = _semver_key(actual), _semver_key(target)
+    if left is None or right is None:
+        return False
+    return _ORDER_TESTS[symbol]((left > right) - (left < right))
+
+
+def _rfc3339_seconds(value: Any) -> int | None:
+    if not isinstance(value, str):
+        return None
+    match = _RFC3339_RE.match(value.strip().upper())
+    if match is None:
+        return None
+    offset = match.group(7)
+    shift = 0
+    if offset != "Z":
+        hours, minutes = int(offset[1:3]), int(offset[4:6])
+        if hours > 23 or minutes > 59:
+            return None
+        shift = (hours * 3600 + minutes * 60) * (-1 if offset[0] == "-" else 1)
+    try:
+        moment = datetime.datetime(*(int(match.group(i)) for i in range(1, 7)),
+                                   tzinfo=datetime.timezone.utc)
+    except ValueError:
+        return None
+    return int((moment - _EPOCH_UTC).total_seconds()) - shift
+
+
+def _logic_datetime(*args: Any) -> bool:
+    """Mixpanel's datetime_compare: [RFC 3339 actual, comparator, epoch ms target]."""
+    if len(args) != 3 or not isinstance(args[1], str) or args[1] not in _ORDER_TESTS:
+        return False
+    actual, symbol, target = args
+    seconds = _rfc3339_seconds(actual)
+    if seconds is None or isinstance(target, bool) or not isinstance(target, (int, float)):
+        return False
+    if isinstance(target, float) and not math.isfinite(target):
+        return False
+    if abs(int(target)) >= 2 ** 63:
+        return False
+    whole = abs(int(target)) // 1000
+    return _ORDER_TESTS[symbol](seconds - (-whole if int(target) < 0 else whole))
 
 
 _LOGIC_OPERATORS: dict[str, Callable[..., Any]] = {
-    "==": _logic_loose_equal,
+    "==": _logic_loose_equal, "===": _logic_strict_equal,
     "!=": lambda a, b: not _logic_loose_equal(a, b),
-    "===": lambda a, b: type(a) is type(b) and a == b,
-    "!==": lambda a, b: not (type(a) is type(b) and a == b),
-    "<": _logic_less,
+    "!==": lambda a, b: not _logic_strict_equal(a, b),
     ">": lambda a, b: _logic_less(b, a),
-    "<=": lambda a, b: _logic_less(a, b) or _logic_loose_equal(a, b),
     ">=": lambda a, b: _logic_less(b, a) or _logic_loose_equal(a, b),
-    "!": lambda a: not a,
-    "!!": bool,
-    "in": lambda a, b: isinstance(b, (str, list, dict)) and (
-        a in b if not isinstance(b, str) or isinstance(a, str) else False),
+    "<": _logic_less, "<=": _logic_less_equal,
+    "!": lambda a: not a, "!!": bool, "%": lambda a, b: a % b,
+    "and": _logic_all, "or": _logic_any, "?:": lambda a, b, c: b if a else c, "if": _logic_if,
+    "log": lambda a: a, "in": _logic_in,
+    "cat": lambda *args: "".join(str(arg) for arg in args),
+    "+": lambda *args: sum(_logic_number(arg) for arg in args), "*": _logic_product,
+    "-": _logic_minus, "/": _logic_divide,
+    "min": lambda *args: min(args), "max": lambda *args: max(args),
+    "merge": _logic_merge, "count": lambda *args: sum(1 for arg in args if arg),
+    "semver_compare": _logic_semver, "datetime_compare": _logic_datetime,
 }
 
 
-def _json_logic(rule: Any, data: dict, depth: int = 0) -> Any:
-    """The JSONLogic the SDKs evaluate for runtime rules: var, and, or, if,
-    ==, !=, ===, !==, <, <=, >, >=, !, !!, in.  Anything else is an error,
-    and an error makes the rule false (as in the SDKs)."""
-    if depth > 64:
+def _json_logic(rule: Any, data: Any, depth: int = 0) -> Any:
+    """Evaluate a rule the way the SDKs' json-logic does; raises on what
+    makes the SDK's evaluation fail."""
+    if depth > _LOGIC_MAX_DEPTH:
         raise ValueError("rule nested too deeply")
-    if not isinstance(rule, dict) or len(rule) != 1:
+    if not isinstance(rule, dict):
         return rule
-    operator, args = next(iter(rule.items()))
-    if not isinstance(args, list):
+    data = data or {}
+    operator = next(iter(rule))  # an empty rule raises, as in the SDK
+    args = rule[operator]
+    if not isinstance(args, (list, tuple)):
         args = [args]
-    if operator == "and":
-        result: Any = True
-        for arg in args:
-            result = _json_logic(arg, data, depth + 1)
-            if not result:
-                return result
-        return result
-    if operator == "or":
-        result = False
-        for arg in args:
-            result = _json_logic(arg, data, depth + 1)
-            if result:
-                return result
-        return result
     values = [_json_logic(arg, data, depth + 1) for arg in args]
     if operator == "var":
-        found: Any = data
-        for part in str(values[0] if values else "").split("."):
-            if isinstance(found, dict) and part in found:
-                found = found[part]
-            elif isinstance(found, list) and part.isdigit() and int(part) < len(found):
-                found = found[int(part)]
-            else:
-                return values[1] if len(values) > 1 else None
-        return found
-    if operator == "if":
-        for index in range(0, len(values) - 1, 2):
-            if values[index]:
-                return values[index + 1]
-        return values[-1] if len(values) % 2 else None
+        return _logic_var(data, *values)
+    if operator == "missing":
+        return _logic_missing(data, *values)
+    if operator == "missing_some":
+        return _logic_missing_some(data, *values)
     function = _LOGIC_OPERATORS.get(operator)
     if function is None:
-        raise ValueError(f"unsupported JSONLogic operator {operator!r}")
+        raise ValueError(f"unknown JSONLogic operator {operator!r}")
     return function(*values)
 
 
@@ -3147,7 +3355,9 @@ def _evaluate_flag(flag: dict, context: dict) -> dict | None:
         return next((v for v in variants if v["key"].casefold() == key.casefold()), None)
 
     users = (ruleset.get("test") or {}).get("users") or {}
-    tester = named(users.get(context.get("distinct_id"))) if context.get("distinct_id") else None
+    # A falsy id or variant key is no test user (the SDK's walrus checks).
+    wanted = users.get(context.get("distinct_id")) if context.get("distinct_id") else None
+    tester = named(wanted) if wanted else None
     if tester is not None:
         return chosen(tester, qa=True)
     salt_base = flag.get("hash_salt")
@@ -3175,7 +3385,9 @@ def _evaluate_flag(flag: dict, context: dict) -> dict | None:
 def _flags_project(store: Store, req: _Request) -> Project:
     """The project a flags call is for: Basic token (or secret, service
     account) as the SDKs send it, or ?token=."""
-    token = _credential_token(store, req) or req.param("token")
+    token = _credential_token(store, req)
+    if token is None and not (store.strict_auth and req.basic_auth() is not None):
+        token = req.param("token")  # strict: wrong credentials are not rescued by ?token=
     with store.lock:
         project = store.projects.get(token) if token else None
     if project is None:
@@ -3198,10 +3410,19 @@ def _flags(store: Store, req: _Request) -> _Response:
     Status 200 (Node needs it) and a `code` key (Python needs it); only
     flags whose rollout the context is in are listed (OAS-flags)."""
     project = _flags_project(store, req)
+    text = req.param("context")
+    if text is None and req.is_json:  # a POST with {"context": {...}}
+        try:
+            body = _loads(req.body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            body = None
+        text = json.dumps(body.get("context")) if isinstance(body, dict) and "context" in body else None
     try:
-        context = _loads(req.param("context") or "")
+        context = _loads(text or "")
+        json.dumps(context, allow_nan=False, ensure_ascii=False).encode("utf-8")
     except ValueError:
-        context = None
+        raise ApiError(400, {"error": "context is not valid JSON (an object with distinct_id)",
+                             "status": "error"}) from None
     if not isinstance(context, dict) or not isinstance(context.get("distinct_id"), str):
         raise ApiError(400, {"error": "distinct_id must be provided in evalContext as a string",
                              "status": "error"})
@@ -3218,7 +3439,59 @@ def _flags(store: Store, req: _Request) -> _Response:
 
 def _flags_first_time_events(store: Store, req: _Request) -> _Response:
     """POST /flags/{id}/first-time-events: accepted, as Mixpanel does (JS, Swift)."""
+    _flags_project(store, req)  # credentials are checked as for /flags
     return _json(200, {})
+
+
+# --- session replay and remote settings (sdks.md §3.6, §3.8) -----------------------
+
+_RECORD_FIELDS = ("replay_id", "seq", "distinct_id", "$device_id", "$user_id", "batch_start_time",
+                  "replay_start_time", "replay_length_ms", "replay_start_url", "$current_url",
+                  "format", "mp_lib", "$lib_version")
+
+
+def _record(store: Store, req: _Request) -> _Response:
+    """A session-replay batch: POST /record/?replay_id&seq&...&format=gzip|body.
+
+    The browser SDK gzips without a Content-Encoding header (`format=gzip`)
+    and needs 200 with a JSON body, or its recorder stops (sdks.md §3.6)."""
+    query = {name: unquote_plus(value) for name, value in _parse_pairs(req.query).items()}
+    token = _credential_token(store, req) or query.get("token")
+    if not token:
+        raise ApiError(401, {"error": "session replay needs the token: Authorization: Basic <token>:",
+                             "status": "error"})
+    if not query.get("replay_id"):
+        raise ApiError(400, {"error": "replay_id, missing or empty", "status": "error"})
+    try:
+        seq = int(query.get("seq", ""))
+    except ValueError:
+        raise ApiError(400, {"error": "seq, missing or not an integer", "status": "error"}) from None
+    body = req.body
+    if body[:2] == b"\x1f\x8b":  # format=gzip, or a client that says so in Content-Encoding
+        body = _gunzip(body, _MAX_BODY_BYTES)
+    try:
+        events = _loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        events = None
+    if not isinstance(events, list) or not all(isinstance(event, dict) for event in events):
+        raise ApiError(400, {"error": "the body is a JSON array of rrweb events (gzip when format=gzip)",
+                             "status": "error"})
+    batch = {name: query[name] for name in _RECORD_FIELDS if name in query}
+    batch.update(seq=seq, events=events, project=token)
+    with store.lock:
+        _, state = store._project_locked(token)
+        batch["time"] = store.now()
+        state.recordings.append(batch)
+        store.changed.notify_all()
+    req.records = [{"replay_id": batch["replay_id"], "seq": seq, "events": len(events)}]
+    return _json(200, {"code": 200, "status": "OK"})
+
+
+def _settings(store: Store, req: _Request) -> _Response:
+    """Remote settings for the browser SDK: GET /settings/?sdk_config=1.
+    The SDK reads {"sdk_config": {"config": {...}}}; set it per project."""
+    project = _flags_project(store, req)
+    return _json(200, {"sdk_config": {"config": dict(project.sdk_config)}})
 
 
 # =============================================================================
@@ -4857,6 +5130,14 @@ def _parlel_groups(store: Store, req: _Request) -> _Response:
     return _json(200, {"count": len(rows), "groups": rows})
 
 
+def _parlel_recordings(store: Store, req: _Request) -> _Response:
+    """Session-replay batches: ?project=, ?replay_id=."""
+    rows = store.recording_rows(_scope(store, req))
+    replay = req.param("replay_id")
+    rows = [row for row in rows if replay is None or row.get("replay_id") == replay]
+    return _json(200, {"count": len(rows), "recordings": rows})
+
+
 def _parlel_rejected(store: Store, req: _Request) -> _Response:
     """Every refused record with its reason, endpoint, project and index."""
     rows = store.rejected_rows(_scope(store, req))
@@ -5172,11 +5453,14 @@ _ROUTES: dict[tuple[str, str], Callable[[Store, _Request], _Response]] = {
     ("POST", "/__parlel/snapshot"): _parlel_snapshot,
     ("POST", "/__parlel/tracking-plan"): _parlel_tracking_plan,
     ("GET", "/__parlel/flags"): _parlel_flags,
+    ("GET", "/__parlel/recordings"): _parlel_recordings,
     ("POST", "/__parlel/flags"): _parlel_flags,
     # Feature flags (ingestion-api.md §9): the SDKs' remote and local evaluation.
     ("GET", "/flags"): _flags,
     ("POST", "/flags"): _flags,
     ("GET", "/flags/definitions"): _flags_definitions,
+    ("POST", "/record"): _record,
+    ("GET", "/settings"): _settings,
     ("POST", "/__parlel/save"): _parlel_save,
     ("GET", "/__parlel/funnels"): _parlel_funnels,
     ("POST", "/__parlel/funnels"): _parlel_add_funnel,
@@ -6246,6 +6530,19 @@ class MixpanelFake:
         target.flags = [f for f in target.flags if f["key"] != key] + [checked]
         return checked
 
+    def set_sdk_config(self, config: dict, project: str | None = None) -> None:
+        """What /settings answers the browser SDK: {"sdk_config": {"config": config}}."""
+        if not isinstance(config, dict):
+            raise ValueError("config is a dict of browser SDK settings")
+        target, _ = _target_state(self.store, project)
+        target.sdk_config = dict(config)
+
+    def recordings(self, project: str | None = None, replay_id: str | None = None) -> list[dict]:
+        """Session-replay batches /record received: the query's fields
+        (replay_id, seq as an int, distinct_id, ...) and ``events`` (rrweb)."""
+        return [_copy(row) for row in self.store.recording_rows(project)
+                if replay_id is None or row.get("replay_id") == replay_id]
+
     def flags(self, project: str | None = None) -> list[dict]:
         """A project's flag definitions, as /flags/definitions serves them."""
         target, _ = _target_state(self.store, project)
@@ -6477,7 +6774,9 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.flags, encoding="utf-8") as handle:
                 flags = json.load(handle)
             if isinstance(flags, dict):
-                flags = flags.get("flags")
+                if set(flags) != {"flags"}:
+                    raise ValueError(f'{args.flags}: a list of flags, or {{"flags": [...]}}')
+                flags = flags["flags"]
         projects = [Project(args.token, api_secret=args.api_secret, tracking_plan=plan,
                             plan_enforce=args.plan_enforce, flags=flags)] if args.token else []
         limits = {}

@@ -3226,6 +3226,17 @@ class TestFlags(unittest.TestCase):
         query = urllib.parse.urlencode(dict(params, context=json.dumps(context)))
         return self.get("/flags?" + query, _basic(auth))
 
+    def sdk_provider(self):
+        """The SDK's local evaluator, fed the fake's /flags/definitions
+        through its own response handling (parsing, variant sort)."""
+        raw = _http("GET", "/flags/definitions", headers=_basic(FLAG_TOKEN), port=self.fake.port)[2]
+        provider = LocalFeatureFlagsProvider(FLAG_TOKEN, LocalFlagsConfig(enable_polling=False), "test",
+                                             tracker=lambda *args, **kwargs: None)
+        request = httpx.Request("GET", "https://example.invalid/flags/definitions")
+        provider._handle_response(httpx.Response(200, content=raw, request=request),
+                                  datetime.datetime.now(), datetime.datetime.now())
+        return provider
+
     def test_definitions_shape(self):
         flag = self.fake.add_flag("new-checkout", {"control": False, "treatment": True}, rollout=0.5,
                                   test_users={"qa": "treatment"}, experiment_id="exp-1")
@@ -3277,6 +3288,24 @@ class TestFlags(unittest.TestCase):
             self.fake.set_flags([_flag_set()[0], _flag_set()[0]])
         status, body = _http_json("POST", "/__parlel/flags", {"flags": [{"key": ""}]}, port=self.fake.port)
         self.assertEqual((status, body["error"]), (400, "a flag is a JSON object with a key"))
+        base = {"variants": [{"key": "a"}], "rollout": [{"rollout_percentage": 1}]}
+        refused = {  # each would break the SDKs' reading of /flags/definitions
+            "ruleset.test": dict(base, test="x"),
+            "ruleset.test is": dict(base, test={"foo": 1}),
+            "distinct_id: variant key": dict(base, test={"users": {"u1": 7}}),
+            "from 0 to 1": dict(base, rollout=[{"rollout_percentage": 1.5}]),
+            "not JSON the SDKs can read": dict(base, rollout=[{"rollout_percentage": float("nan")}]),
+            "nested more than 32": dict(base, rollout=[{"rollout_percentage": 1,
+                                                        "runtime_evaluation_rule": json.loads("[" * 40 + "]" * 40)}]),
+        }
+        for message, ruleset in refused.items():
+            with self.subTest(message), self.assertRaisesRegex(ValueError, message):
+                self.fake.set_flags([{"key": "k", "ruleset": ruleset}])
+        with self.assertRaisesRegex(ValueError, "lone surrogate"):
+            self.fake.set_flags([{"key": "\ud800", "ruleset": base}])
+        status, body = self.evaluate({"distinct_id": "\ud800"})
+        self.assertEqual((status, body["error"]), (400, "context is not valid JSON (an object with distinct_id)"))
+        self.assertEqual(self.fake.flags(), [])
 
     def test_set_over_http_and_first_time_events(self):
         status, body = _http_json("POST", "/__parlel/flags", {"flags": _flag_set()}, port=self.fake.port)
@@ -3311,12 +3340,7 @@ class TestFlags(unittest.TestCase):
         sdk_log = logging.getLogger("mixpanel")  # it warns on every context without company_id
         self.addCleanup(sdk_log.setLevel, sdk_log.level)
         sdk_log.setLevel(logging.ERROR)
-        raw = _http("GET", "/flags/definitions", headers=_basic(FLAG_TOKEN), port=self.fake.port)[2]
-        provider = LocalFeatureFlagsProvider(FLAG_TOKEN, LocalFlagsConfig(enable_polling=False), "test",
-                                             tracker=lambda *args, **kwargs: None)
-        request = httpx.Request("GET", "https://example.invalid/flags/definitions")
-        provider._handle_response(httpx.Response(200, content=raw, request=request),
-                                  datetime.datetime.now(), datetime.datetime.now())
+        provider = self.sdk_provider()
         self.assertEqual(len(provider._flag_definitions), 4)
         seen = {}
         for context in _contexts(3000):
@@ -3334,6 +3358,107 @@ class TestFlags(unittest.TestCase):
         # Every branch was taken: in and out of each flag, each variant chosen.
         self.assertEqual(seen, {"plain": {None, "On"}, "ab": {None, "a", "b", "c"},
                                 "rules": {None, "x", "y"}, "by-company": {None, "on"}})
+
+    def test_runtime_rules_agree_with_the_sdks_json_logic(self):
+        """Random rules over every json-logic operator, Mixpanel's semver and
+        datetime comparisons, and the evaluator's quirks: the fake's /flags and
+        the SDK's local evaluation must agree on each."""
+        _require(LocalFeatureFlagsProvider is not None, "the Python mixpanel SDK is not installed", self)
+        import random as _random
+        rng = _random.Random(6)
+        leaves = [0, 1, 2.5, -3, "", "0", "1.5", "abc", "A", True, False, None, [1, 2], ["abc", "x"],
+                  "1.2.3", "v2.0", "1.2.3-beta.2", "2026-12-01T10:00:00Z", 1796169600000,
+                  {"var": "n"}, {"var": "s"}, {"var": "l"}, {"var": "l.1"}, {"var": "s.0"},
+                  {"var": "l.-1"}, {"var": "l.9"}, {"var": ["missing", 7]}, {"var": "Plan"},
+                  {"var": "version"}, {"var": "when"}, {"var": ""}]
+        binary = ["==", "===", "!=", "!==", "<", "<=", ">", ">=", "in", "%", "-", "/"]
+        variadic = ["and", "or", "if", "cat", "+", "*", "min", "max", "merge", "count", "<", "<="]
+
+        def rule(depth):
+            if depth > 3 or rng.random() < 0.25:
+                return rng.choice(leaves)
+            kind = rng.random()
+            if kind < 0.45:
+                return {rng.choice(binary): [rule(depth + 1), rule(depth + 1)]}
+            if kind < 0.7:
+                return {rng.choice(variadic): [rule(depth + 1) for _ in range(rng.randint(0, 3))]}
+            if kind < 0.8:
+                return {rng.choice(["!", "!!", "missing", "log"]): rule(depth + 1)}
+            if kind < 0.9:
+                return {rng.choice(["semver_compare", "datetime_compare"]):
+                        [rule(depth + 1), rng.choice(["<", ">=", "===", "!==", "~"]), rule(depth + 1)]}
+            return rng.choice([{"?:": [rule(depth + 1), 1, 0]}, {"missing_some": [1, ["n", "q"]]},
+                               {"bogus": [1]}, {}, {"==": [1, 1], "junk": 0}])
+
+        flags = [{"key": f"r{index}", "ruleset": {
+            "variants": [{"key": "on", "value": True, "split": 1.0}],
+            "rollout": [{"rollout_percentage": 1.0, "runtime_evaluation_rule": rule(0)}]}}
+                 for index in range(300)]
+        self.fake.set_flags(flags)
+        sdk_log = logging.getLogger("mixpanel")  # it logs every failing rule
+        self.addCleanup(sdk_log.setLevel, sdk_log.level)
+        sdk_log.setLevel(logging.CRITICAL + 1)
+        provider = self.sdk_provider()
+        contexts = [{"distinct_id": f"u{i}", "custom_properties": custom} for i, custom in enumerate([
+            {"n": 5, "s": "abc", "l": [1, 2, 3]}, {"n": "5", "s": "", "l": []}, {"n": 0, "plan": "PRO"},
+            {"version": "V1.10.0", "when": "2026-12-02T00:00:00+01:00", "n": 2.5},
+            {"version": "1.2.3-beta.10", "when": "2026-11-30T23:59:59.5Z", "s": "A", "l": ["abc"]},
+            {"n": True, "s": None, "l": {"1": 2}}])]
+        outcomes = set()
+        for context in contexts:
+            _, remote = self.evaluate(context)
+            for flag in flags:
+                local = provider.get_variant(flag["key"], SelectedVariant(variant_key=None, variant_value=None),
+                                             context, report_exposure=False)
+                self.assertEqual(flag["key"] in remote["flags"], local.variant_key == "on",
+                                 f"rule {flag['ruleset']['rollout'][0]['runtime_evaluation_rule']}, "
+                                 f"context {context}")
+                outcomes.add(local.variant_key)
+        self.assertEqual(outcomes, {None, "on"})  # both answers occur
+
+
+class TestReplayAndSettings(_ServerTestCase):
+    """/record (session replay) and /settings, as the browser SDK calls them."""
+
+    def record(self, body, **query):
+        params = dict({"replay_id": "r1", "seq": "0", "distinct_id": "$device:d1", "format": "body",
+                       "mp_lib": "web"}, **query)
+        headers = dict(_basic(TOKEN), **{"Content-Type": "application/octet-stream"})
+        return _http("POST", "/record/?" + urllib.parse.urlencode(params), body, headers)
+
+    def test_gzip_and_plain_batches_are_kept(self):
+        snapshot = [{"type": 4, "data": {"href": "http://x/"}, "timestamp": 1}, {"type": 2, "data": {}}]
+        status, _, raw = self.record(gzip.compress(json.dumps(snapshot).encode()), format="gzip")
+        self.assertEqual((status, json.loads(raw)), (200, {"code": 200, "status": "OK"}))
+        self.assertEqual(self.record(json.dumps([{"type": 3}]), seq="1")[0], 200)
+        first, second = MP.recordings()
+        self.assertEqual(first, {"replay_id": "r1", "seq": 0, "distinct_id": "$device:d1", "format": "gzip",
+                                 "mp_lib": "web", "events": snapshot, "project": TOKEN, "time": T0})
+        self.assertEqual((second["seq"], second["events"]), (1, [{"type": 3}]))
+        self.assertEqual(MP.recordings(replay_id="other"), [])
+        status, body = _json("GET", "/__parlel/recordings?replay_id=r1")
+        self.assertEqual(body["count"], 2)
+        MP.reset()
+        self.assertEqual(MP.recordings(), [])
+
+    def test_refusals(self):
+        cases = [(self.record("[]", replay_id=""), 400, "replay_id, missing or empty"),
+                 (self.record("[]", seq="x"), 400, "seq, missing or not an integer"),
+                 (self.record("{nope"), 400, "the body is a JSON array of rrweb events (gzip when format=gzip)"),
+                 (_http("POST", "/record/?replay_id=r&seq=0", "[]"), 401,
+                  "session replay needs the token: Authorization: Basic <token>:")]
+        for (status, _, raw), want_status, message in cases:
+            self.assertEqual((status, json.loads(raw)["error"]), (want_status, message))
+        self.assertEqual(MP.recordings(), [])
+
+    def test_settings(self):
+        status, body = _json("GET", "/settings/?sdk_config=1", headers=_basic(TOKEN))
+        self.assertEqual((status, body), (200, {"sdk_config": {"config": {}}}))
+        self.assertEqual(_json("POST", "/track", _form(data=json.dumps(_event())))[1], 1)  # makes the project
+        MP.set_sdk_config({"record_sessions_percent": 100}, project=TOKEN)
+        self.addCleanup(MP.set_sdk_config, {}, project=TOKEN)
+        status, body = _json("GET", f"/settings/?token={TOKEN}")
+        self.assertEqual(body, {"sdk_config": {"config": {"record_sessions_percent": 100}}})
 
 
 class TestTls(unittest.TestCase):
