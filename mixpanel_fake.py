@@ -5105,11 +5105,12 @@ def _parlel_events(store: Store, req: _Request) -> _Response:
     filter, ?dedup=1 shows what reports see."""
     name = req.param("event")
     distinct_id = req.param("distinct_id")
+    since = _since(req)
     rows = store.event_rows(_scope(store, req))
     if req.param("dedup") in ("1", "true"):
         rows = _dedup(rows)
     rows = [_event_view(seq, token, event) for seq, token, event in rows
-            if _event_matches(event, name, distinct_id, None)]
+            if seq > since and _event_matches(event, name, distinct_id, None)]
     return _json(200, {"count": len(rows), "events": rows})
 
 
@@ -5140,7 +5141,8 @@ def _parlel_recordings(store: Store, req: _Request) -> _Response:
 
 def _parlel_rejected(store: Store, req: _Request) -> _Response:
     """Every refused record with its reason, endpoint, project and index."""
-    rows = store.rejected_rows(_scope(store, req))
+    since = _since(req)
+    rows = [row for row in store.rejected_rows(_scope(store, req)) if row.get("seq", 0) > since]
     return _json(200, {"count": len(rows), "rejected": rows})
 
 
@@ -5413,6 +5415,182 @@ def _parlel_wait(store: Store, req: _Request) -> _Response:
     return _json(408, {"ok": False, "count": len(found), "message": f"waited {timeout}s: {message}"})
 
 
+def _since(req: _Request) -> int:
+    """?since=N: only rows numbered after N (the page polls with it)."""
+    try:
+        return int(req.param("since") or 0)
+    except ValueError:
+        raise ApiError(400, {"error": "since is a whole number"}) from None
+
+
+# The live inspection page.  Self-contained (no CDN, no build step); every
+# value reaches the DOM through textContent, never as markup, and the CSP
+# forbids anything but this page's own script, style and same-origin fetches.
+_UI_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+           "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'")
+_UI_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>mixpanel_fake</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"><link rel="icon" href="data:,">
+<style>
+body{font:14px/1.4 system-ui,sans-serif;margin:0;color:#1d1d1f;background:#f6f6f8}
+header{display:flex;gap:12px;align-items:center;padding:10px 16px;background:#4f44e0;color:#fff}
+header h1{font-size:16px;margin:0 12px 0 0}
+header select,header input{font:inherit;padding:4px 6px;border-radius:4px;border:0}
+header input{flex:1;max-width:420px}
+#status{margin-left:auto;font-size:12px;opacity:.85}
+nav{display:flex;gap:2px;padding:8px 16px 0;background:#e9e8f4;flex-wrap:wrap}
+nav button{font:inherit;border:0;padding:6px 12px;border-radius:6px 6px 0 0;background:transparent;cursor:pointer}
+nav button[aria-selected=true]{background:#fff;font-weight:600}
+main{padding:12px 16px}
+table{border-collapse:collapse;width:100%;background:#fff;table-layout:fixed}
+th,td{border-bottom:1px solid #e4e4ea;padding:4px 8px;text-align:left;vertical-align:top;overflow-wrap:anywhere}
+th{background:#fafafe;font-weight:600;position:sticky;top:0}
+td.json{font:12px/1.35 ui-monospace,monospace;white-space:pre-wrap}
+.empty{padding:24px;color:#777}
+.bad{color:#b00020}
+</style></head><body>
+<header><h1>mixpanel_fake</h1>
+<label>project <select id="project"><option value="">all projects</option></select></label>
+<input id="filter" type="search" placeholder="filter: any text in a row">
+<span id="status">connecting</span></header>
+<nav id="tabs" role="tablist"></nav>
+<main><table id="grid"><thead></thead><tbody></tbody></table><div id="empty" class="empty"></div></main>
+<script>
+"use strict";
+// Each tab: the inspection endpoint, the list in its answer, whether rows
+// carry a sequence number to poll with ?since=, and the columns shown.
+const TABS = {
+  events: {path: "events", key: "events", cursor: "id", cols: [["#", r => r.id], ["time", r => iso(r.time)],
+    ["project", r => r.project], ["event", r => r.event], ["distinct_id", r => r.distinct_id],
+    ["properties", r => r.properties, true]]},
+  profiles: {path: "people", key: "people", cols: [["project", r => r.project],
+    ["$distinct_id", r => r.$distinct_id], ["$properties", r => r.$properties, true]]},
+  groups: {path: "groups", key: "groups", cols: [["project", r => r.project], ["$group_key", r => r.$group_key],
+    ["$group_id", r => r.$group_id], ["$properties", r => r.$properties, true]]},
+  rejected: {path: "rejected", key: "rejected", cursor: "seq", cols: [["#", r => r.seq],
+    ["project", r => r.project], ["endpoint", r => r.endpoint], ["index", r => r.index],
+    ["field", r => r.field], ["reason", r => r.reason, false, "bad"], ["record", r => r.record, true]]},
+  requests: {path: "requests", key: "requests", cursor: "seq", cols: [["#", r => r.seq],
+    ["time", r => iso(r.time)], ["request", r => r.method + " " + r.path + (r.query ? "?" + r.query : "")],
+    ["status", r => r.status], ["records", r => r.records, true], ["response", r => r.response, true]]},
+  recordings: {path: "recordings", key: "recordings", cols: [["replay_id", r => r.replay_id],
+    ["seq", r => r.seq], ["distinct_id", r => r.distinct_id], ["events", r => r.events.length]]},
+  faults: {path: "faults", key: "faults", cols: [["fault", r => r, true]]},
+  flags: {path: "flags", key: "flags", cols: [["key", r => r.key], ["context", r => r.context],
+    ["ruleset", r => r.ruleset, true]]},
+};
+const state = {tab: "events", rows: {}, cursors: {}, timer: null};
+const $ = id => document.getElementById(id);
+function iso(seconds) { return typeof seconds === "number" ? new Date(seconds * 1000).toISOString() : ""; }
+function text(value) {
+  if (value === null || value === undefined) return "";
+  return typeof value === "string" ? value : JSON.stringify(value, null, 1);
+}
+function query(extra) {
+  const params = new URLSearchParams(extra);
+  if ($("project").value) params.set("project", $("project").value);
+  return params.toString();
+}
+async function getJson(path, extra) {
+  const answer = await fetch("/__parlel/" + path + "?" + query(extra || {}), {cache: "no-store"});
+  if (!answer.ok) throw new Error(path + ": HTTP " + answer.status);
+  return answer.json();
+}
+async function poll() {
+  const tab = TABS[state.tab];
+  try {
+    let rows;
+    if (tab.cursor) {
+      const since = state.cursors[state.tab] || 0;
+      const answer = await getJson(tab.path, {since: String(since)});
+      rows = (state.rows[state.tab] || []).concat(answer[tab.key]);
+      if (answer[tab.key].length) state.cursors[state.tab] = answer[tab.key].at(-1)[tab.cursor];
+      const stats = await getJson("stats");
+      const total = {events: stats.events, rejected: stats.rejected}[state.tab];
+      if (total !== undefined && total < rows.length) { resetTab(); return poll(); }  // a reset happened
+    } else {
+      const answer = await getJson(tab.path);
+      rows = answer[tab.key];
+    }
+    state.rows[state.tab] = rows.slice(-2000);
+    $("status").textContent = "live, " + new Date().toLocaleTimeString();
+    render();
+  } catch (error) {
+    $("status").textContent = "error: " + error.message;
+  }
+}
+function resetTab() { state.rows[state.tab] = []; state.cursors[state.tab] = 0; }
+function render() {
+  const tab = TABS[state.tab];
+  const needle = $("filter").value.toLowerCase();
+  const head = document.createElement("tr");
+  for (const [title, , json] of tab.cols) {
+    const th = document.createElement("th");
+    th.textContent = title;
+    if (json) th.style.width = tab.cols.length > 2 ? "45%" : "auto";
+    else if (title === "#") th.style.width = "4em";
+    head.appendChild(th);
+  }
+  $("grid").tHead.replaceChildren(head);
+  const body = document.createDocumentFragment();
+  let shown = 0;
+  for (const row of (state.rows[state.tab] || []).slice().reverse()) {
+    const cells = tab.cols.map(([, pick]) => text(pick(row)));
+    if (needle && !cells.some(cell => cell.toLowerCase().includes(needle))) continue;
+    const tr = document.createElement("tr");
+    tab.cols.forEach(([, , json, css], index) => {
+      const td = document.createElement("td");
+      td.textContent = cells[index];  // text, never markup
+      if (json) td.className = "json";
+      if (css) td.classList.add(css);
+      tr.appendChild(td);
+    });
+    body.appendChild(tr);
+    if (++shown >= 500) break;
+  }
+  $("grid").tBodies[0].replaceChildren(body);
+  $("empty").textContent = shown ? "" : (needle ? "nothing matches the filter" : "nothing yet");
+}
+function select(name) {
+  state.tab = name;
+  for (const button of $("tabs").children) button.setAttribute("aria-selected", String(button.dataset.tab === name));
+  render();
+  poll();
+}
+async function loadProjects() {
+  try {
+    const answer = await getJson("projects");
+    const chosen = $("project").value;
+    const options = [new Option("all projects", "")];
+    for (const project of answer.projects) options.push(new Option(project.token, project.token));
+    $("project").replaceChildren(...options);
+    $("project").value = chosen;
+  } catch (error) { /* shown by poll() */ }
+}
+for (const name of Object.keys(TABS)) {
+  const button = document.createElement("button");
+  button.textContent = name;
+  button.dataset.tab = name;
+  button.setAttribute("role", "tab");
+  button.addEventListener("click", () => select(name));
+  $("tabs").appendChild(button);
+}
+$("filter").addEventListener("input", render);
+$("project").addEventListener("change", () => { state.rows = {}; state.cursors = {}; select(state.tab); });
+loadProjects();
+select("events");
+setInterval(() => { loadProjects(); poll(); }, 1000);
+</script></body></html>
+"""
+
+
+def _parlel_ui(store: Store, req: _Request) -> _Response:
+    """The live inspection page (README "Inspection page")."""
+    return _Response(200, _UI_HTML.encode("utf-8"), "text/html; charset=utf-8",
+                     {"Content-Security-Policy": _UI_CSP, "X-Content-Type-Options": "nosniff",
+                      "Cache-Control": "no-store"})
+
+
 def _parlel_projects(store: Store, req: _Request) -> _Response:
     scope = _scope(store, req)
     with store.lock:
@@ -5454,6 +5632,7 @@ _ROUTES: dict[tuple[str, str], Callable[[Store, _Request], _Response]] = {
     ("POST", "/__parlel/tracking-plan"): _parlel_tracking_plan,
     ("GET", "/__parlel/flags"): _parlel_flags,
     ("GET", "/__parlel/recordings"): _parlel_recordings,
+    ("GET", "/__parlel/ui"): _parlel_ui,
     ("POST", "/__parlel/flags"): _parlel_flags,
     # Feature flags (ingestion-api.md §9): the SDKs' remote and local evaluation.
     ("GET", "/flags"): _flags,

@@ -3573,6 +3573,211 @@ class TestTls(unittest.TestCase):
 
 
 # =============================================================================
+# The browser SDK in real headless Chromium (conformance/browser.js)
+# =============================================================================
+
+BROWSER_DRIVER = os.path.join(HERE, "conformance", "browser.js")
+BROWSER_SDK = os.path.join(HERE, "conformance", "node_modules", "mixpanel-browser")
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+
+
+def _browser(case, doc, timeout=90):
+    """Run one document through the driver; its decoded answer."""
+    node = shutil.which("node")
+    _require(node is not None and os.path.isdir(BROWSER_SDK) and os.path.exists(CHROMIUM),
+             "node, conformance/node_modules (npm ci --prefix conformance) and Chromium are needed", case)
+    proc = subprocess.run([node, BROWSER_DRIVER], input=json.dumps(doc), capture_output=True, text=True,
+                          timeout=timeout)
+    case.assertEqual(proc.returncode, 0, proc.stderr)
+    answer = json.loads(proc.stdout)
+    case.assertFalse(answer["timed_out"], answer)
+    case.assertIsNone(answer["steps_error"], answer)
+    return answer
+
+
+class TestBrowserSdk(_ServerTestCase):
+    """mixpanel-browser 2.83.0 in Chromium, its page on another origin than the fake."""
+
+    def setUp(self):
+        super().setUp()
+        MP.set_time(None)  # the SDK stamps real times
+        self.since = MP.stats()["requests_journaled"]  # the journal outlives resets
+
+    def journal(self, path):
+        return MP.requests(path=path, since=self.since)
+
+    def run_page(self, steps, **config):
+        doc = {"mode": "sdk", "fake": MP.url, "token": TOKEN, "steps": steps,
+               "config": dict({"batch_flush_interval_ms": 100}, **config)}
+        answer = _browser(self, doc)
+        self.assertNoCorsTrouble(answer)
+        return answer
+
+    def assertNoCorsTrouble(self, answer):
+        texts = [entry["text"] for entry in answer["console"] if entry["type"] in ("error", "warning")]
+        self.assertEqual([t for t in texts if "CORS" in t or "Access-Control" in t], [], answer["console"])
+        self.assertEqual(answer["failed_requests"], [])
+        self.assertEqual(answer["page_errors"], [])
+
+    def test_track_batched_base64_with_register(self):
+        self.run_page("""
+            mixpanel.register({plan: "pro"});
+            mixpanel.track("Hello", {a: 1, nested: {b: [1, 2]}, text: "<b>x</b>"});
+            setTimeout(() => done(mixpanel.get_distinct_id()), 1500);""")
+        (event,) = MP.events(name="Hello")
+        props = event["properties"]
+        self.assertEqual({k: props[k] for k in ("a", "nested", "text", "plan", "token", "mp_lib", "$lib_version")},
+                         {"a": 1, "nested": {"b": [1, 2]}, "text": "<b>x</b>", "plan": "pro", "token": TOKEN,
+                          "mp_lib": "web", "$lib_version": "2.83.0"})
+        self.assertRegex(props["distinct_id"], r"^\$device:")
+        sent = [r for r in self.journal("/track") if r["records"]]
+        self.assertTrue(sent)
+        for request in sent:  # the batcher's calls, base64 by default
+            self.assertIn("verbose=1", request["query"])
+            self.assertEqual(request["status"], 200)
+            self.assertEqual(request["response"], '{"status":1,"error":null}')
+
+    def test_immediate_json_sends_call_back_with_the_answer(self):
+        answer = self.run_page("""
+            mixpanel.track("Now", {n: 1}, (reply) => done(reply));""",
+                               batch_requests=False, api_payload_format="json")
+        self.assertEqual(answer["result"], 1)
+        self.assertEqual(len(MP.events(name="Now")), 1)
+
+    def test_identity_people_groups_and_pageview(self):
+        answer = self.run_page("""
+            const anonymous = mixpanel.get_distinct_id();
+            mixpanel.people.set({name: "Ada"});          // queued until identify
+            mixpanel.identify("u1");
+            mixpanel.people.set_once({first: "x"});
+            mixpanel.people.increment("n", 2);
+            mixpanel.people.append("l", "a");
+            mixpanel.people.union("u", ["a", "b"]);
+            mixpanel.people.set({gone: 1});
+            // Batches in flight at once may land in any order (so at Mixpanel
+            // too): what must follow the updates above waits for them.
+            await new Promise((resolve) => setTimeout(resolve, 1000));
+            mixpanel.people.remove("u", "a");
+            mixpanel.people.unset("gone");
+            mixpanel.set_group("company", "acme");
+            mixpanel.get_group("company", "acme").set({tier: "gold"});
+            mixpanel.track_pageview();
+            mixpanel.alias("alias-1");
+            setTimeout(() => {
+              mixpanel.reset();
+              mixpanel.track("After reset");
+              setTimeout(() => done({anonymous, after: mixpanel.get_distinct_id()}), 1500);
+            }, 1500);""")
+        anonymous = answer["result"]["anonymous"]
+        self.assertEqual(MP.profile("u1"), {**MP.profile("u1"), "name": "Ada", "first": "x", "n": 2, "l": ["a"],
+                                            "u": ["b"], "company": ["acme"]})
+        self.assertNotIn("gone", MP.profile("u1"))
+        self.assertEqual(MP.groups()[("company", "acme")]["tier"], "gold")
+        # identify("u1"), then alias() identifies as the alias: two $identify.
+        identify, _ = MP.events(name="$identify")
+        self.assertEqual((identify["properties"]["distinct_id"], identify["properties"]["$anon_distinct_id"]),
+                         ("u1", anonymous))
+        (alias,) = MP.events(name="$create_alias")
+        self.assertEqual(alias["properties"]["alias"], "alias-1")
+        (view,) = MP.events(name="$mp_web_page_view")
+        self.assertEqual(view["properties"]["distinct_id"], "u1")
+        (after,) = MP.events(name="After reset")
+        self.assertEqual(after["properties"]["distinct_id"], answer["result"]["after"])
+        self.assertNotIn(after["properties"]["distinct_id"], (anonymous, "u1", "alias-1"))
+
+    def test_batcher_retries_after_503_and_429_and_halves_after_413(self):
+        MP.add_fault("/track", 503, times=1)
+        MP.add_fault("/track", 429, retry_after=1, times=1)
+        MP.add_fault("/track", 413, times=1)
+        self.run_page("""
+            for (let i = 0; i < 4; i++) mixpanel.track("Retried", {i});
+            setTimeout(() => done(null), 6000);""")
+        self.assertEqual(sorted(e["properties"]["i"] for e in MP.events(name="Retried")), [0, 1, 2, 3])
+        statuses = [r["status"] for r in self.journal("/track") if r["method"] == "POST"]
+        self.assertEqual(statuses[:3], [503, 429, 413])
+        self.assertEqual(set(statuses[3:]), {200})
+
+    def test_send_beacon_flushes_the_queue_when_the_page_hides(self):
+        doc = {"mode": "sdk", "fake": MP.url, "token": TOKEN, "hide_page": True,
+               "config": {"batch_flush_interval_ms": 600000},
+               "steps": "setTimeout(() => { mixpanel.track('Bye', {k: 'v'}); done(null); }, 500);"}
+        self.assertNoCorsTrouble(_browser(self, doc))
+        (event,) = MP.wait_for_events(1, name="Bye")
+        (request,) = [r for r in self.journal("/track") if r["records"]]
+        self.assertTrue(request["headers"]["Content-Type"].startswith("text/plain"), request["headers"])
+
+    def test_flags_fetch_and_exposure(self):
+        MP.add_project(Project(TOKEN))
+        MP.add_flag("new-checkout", {"on": "blue"}, project=TOKEN)
+        self.addCleanup(MP.set_flags, [], project=TOKEN)
+        answer = self.run_page("""
+            const value = await mixpanel.flags.get_variant_value("new-checkout", "fallback");
+            setTimeout(() => done(value), 1500);""", flags=True)
+        self.assertEqual(answer["result"], "blue")
+        (exposure,) = MP.wait_for_events(1, name="$experiment_started")
+        self.assertEqual((exposure["properties"]["Experiment name"], exposure["properties"]["Variant name"]),
+                         ("new-checkout", "on"))
+        fetches = self.journal("/flags")
+        self.assertIn("OPTIONS", [r["method"] for r in fetches])  # preflighted: it sends Authorization
+        self.assertEqual({r["status"] for r in fetches if r["method"] == "GET"}, {200})
+
+    def test_session_replay_batches_and_remote_settings(self):
+        self.run_page("""
+            document.body.appendChild(document.createElement("p")).textContent = "recorded";
+            await new Promise((resolve) => setTimeout(resolve, 500));
+            mixpanel.stop_session_recording();
+            setTimeout(() => done(null), 2000);""", record_sessions_percent=100,
+                      remote_settings_mode="fallback")
+        batches = MP.recordings(project=TOKEN)
+        self.assertGreaterEqual(len(batches), 1, self.journal("/record"))
+        first = batches[0]
+        self.assertEqual((first["seq"], first["format"]), (0, "gzip"))
+        self.assertIn(2, [event.get("type") for event in first["events"]])  # a FullSnapshot
+        settings = [r for r in self.journal("/settings") if r["method"] == "GET"]
+        self.assertEqual([r["status"] for r in settings], [200])
+
+
+class TestInspectionPage(_ServerTestCase):
+    """/__parlel/ui in Chromium: live rows, values shown as text."""
+
+    def test_page_shows_events_as_text_and_runs_nothing(self):
+        hostile = {"xss": "<script>window.__pwned = 1</script>",
+                   "img": '<img src=x onerror="window.__pwned = 2">'}
+        self.assertEqual(_json("POST", "/track", _form(data=json.dumps(_event("Signed Up", distinct_id="u1",
+                                                                               **hostile))))[1], 1)
+        _json("POST", "/track", _form(data=json.dumps({"event": "No token", "properties": {}})))
+        screenshot = os.environ.get("MIXPANEL_FAKE_SCREENSHOT") or os.path.join(tempfile.mkdtemp(), "ui.png")
+        steps = """
+            await page.waitForSelector("td:text('Signed Up')");
+            const table = await page.locator("#grid").innerText();
+            await page.fill("#filter", "nothing-matches-this");
+            const filtered = await page.locator("#empty").innerText();
+            await page.fill("#filter", "");
+            await page.click("button[data-tab=rejected]");
+            await page.waitForSelector("td:text('token, missing or empty')");
+            const rejected = await page.locator("#grid").innerText();
+            await page.click("button[data-tab=events]");
+            await page.waitForSelector("td:text('Signed Up')");
+            await page.waitForTimeout(1200);  // a poll with the cursor adds nothing twice
+            const rows = await page.locator("#grid tbody tr").count();
+            const pwned = await page.evaluate(() => window.__pwned === undefined ? null : window.__pwned);
+            const images = await page.locator("#grid img, #grid script").count();
+            return {table, filtered, rejected, rows, pwned, images};"""
+        answer = _browser(self, {"mode": "page", "url": MP.url + "/__parlel/ui", "steps": steps,
+                                 "screenshot": screenshot})
+        result = answer["result"]
+        # Shown as written, inside the JSON of the properties.
+        self.assertIn(json.dumps(hostile["xss"]), result["table"])
+        self.assertIn(json.dumps(hostile["img"]), result["table"])
+        self.assertEqual((result["pwned"], result["images"], result["rows"]), (None, 0, 1))
+        self.assertEqual(result["filtered"], "nothing matches the filter")
+        self.assertIn("token, missing or empty", result["rejected"])
+        self.assertEqual(answer["page_errors"], [])
+        self.assertEqual([c for c in answer["console"] if c["type"] == "error"], [])
+        self.assertGreater(os.path.getsize(screenshot), 1000)
+
+
+# =============================================================================
 # Runner: unittest, then the one line CI reads
 # =============================================================================
 

@@ -238,6 +238,10 @@ async function main() {
     headless: true,
     args: CHROMIUM_ARGS,
     timeout: 30000,
+    // Our own handlers below close the browser and exit 1.
+    handleSIGINT: false,
+    handleSIGTERM: false,
+    handleSIGHUP: false,
   });
   const context = await browser.newContext();
   const page = await context.newPage();
@@ -299,6 +303,10 @@ async function main() {
   await cleanup();
   process.stdout.write(line + "\n");
   process.exit(0);
+}
+
+for (const sig of ["SIGINT", "SIGTERM", "SIGHUP"]) {
+  process.on(sig, () => fail("killed by " + sig));
 }
 
 main().catch((e) => fail(errText(e)));
