@@ -3620,10 +3620,12 @@ class TestBrowserSdk(_ServerTestCase):
         self.assertEqual(answer["page_errors"], [])
 
     def test_track_batched_base64_with_register(self):
-        self.run_page("""
+        answer = self.run_page("""
+            let replied = "no callback";
             mixpanel.register({plan: "pro"});
-            mixpanel.track("Hello", {a: 1, nested: {b: [1, 2]}, text: "<b>x</b>"});
-            setTimeout(() => done(mixpanel.get_distinct_id()), 1500);""")
+            mixpanel.track("Hello", {a: 1, nested: {b: [1, 2]}, text: "<b>x</b>"}, (r) => { replied = r; });
+            setTimeout(() => done(replied), 1500);""")
+        self.assertEqual(answer["result"], 1)  # batched: the SDK calls back 1 on enqueueing
         (event,) = MP.events(name="Hello")
         props = event["properties"]
         self.assertEqual({k: props[k] for k in ("a", "nested", "text", "plan", "token", "mp_lib", "$lib_version")},
@@ -3684,6 +3686,30 @@ class TestBrowserSdk(_ServerTestCase):
         (after,) = MP.events(name="After reset")
         self.assertEqual(after["properties"]["distinct_id"], answer["result"]["after"])
         self.assertNotIn(after["properties"]["distinct_id"], (anonymous, "u1", "alias-1"))
+
+    def test_charges_and_delete_user(self):
+        """2.83.0's track_charge is a deprecated no-op; clear_charges sets
+        $transactions to []; delete_user deletes (clear_charges calls back
+        with the server's answer)."""
+        answer = self.run_page("""
+            const wait = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+            mixpanel.identify("payer");
+            mixpanel.people.track_charge(9.5, {sku: "a"});
+            const replies = [];
+            mixpanel.people.clear_charges((r) => replies.push(r));
+            await wait(800);
+            replies.push(await fetch(FAKE + "/__parlel/people").then((r) => r.json()));
+            mixpanel.people.delete_user();  // 2.83.0 takes no callback here
+            await wait(800);
+            done(replies);""".replace("FAKE", json.dumps(MP.url)), batch_requests=False)
+        cleared, listing = answer["result"]
+        self.assertEqual(cleared, 1)
+        (profile,) = [p for p in listing["people"] if p["$distinct_id"] == "payer"]
+        self.assertEqual(profile["$properties"]["$transactions"], [])
+        sent = [record for r in self.journal("/engage") for record in (r["records"] or [])]
+        self.assertEqual([r for r in sent if "$append" in r], [])  # track_charge sent nothing
+        self.assertEqual([list(r)[0] for r in sent if "$delete" in r], ["$delete"])
+        self.assertIsNone(MP.profile("payer"))
 
     def test_batcher_retries_after_503_and_429_and_halves_after_413(self):
         MP.add_fault("/track", 503, times=1)
