@@ -20,6 +20,7 @@ for production traffic.
 from __future__ import annotations
 
 import argparse
+import atexit
 import base64
 import binascii
 import collections
@@ -37,6 +38,7 @@ import operator
 import os
 import re
 import selectors
+import shutil
 import signal
 import socket
 import socketserver
@@ -5326,6 +5328,8 @@ def _parlel_flags(store: Store, req: _Request) -> _Response:
         except ValueError as exc:
             raise ApiError(404, {"error": str(exc)}) from None
         return _json(200, {"project": project.token, "flags": list(project.flags)})
+    if req.body.lstrip()[:1] == b"[":  # a bare list, as --flags FILE takes
+        req.body = b'{"flags":' + req.body + b"}"
     body = _json_body(req)
     if set(body) - {"project", "flags"} or "flags" not in body:
         raise ApiError(400, {"error": 'the body is {"project"?, "flags": [flag, ...]}'})
@@ -5337,6 +5341,20 @@ def _parlel_flags(store: Store, req: _Request) -> _Response:
         raise ApiError(400, {"error": str(exc)}) from None
     project.flags = flags
     return _json(200, {"ok": True, "project": project.token, "flags": len(flags)})
+
+
+def _parlel_sdk_config(store: Store, req: _Request) -> _Response:
+    """Set what /settings serves a project: {"project"?, "config": {...}}."""
+    body = _json_body(req)
+    if set(body) - {"project", "config"} or not isinstance(body.get("config"), dict):
+        raise ApiError(400, {"error": 'the body is {"project"?, "config": {...}}'})
+    scope = _registration_project(store, req, body)
+    try:
+        project, _ = _target_state(store, scope)
+    except ValueError as exc:
+        raise ApiError(400, {"error": str(exc)}) from None
+    project.sdk_config = dict(body["config"])
+    return _json(200, {"ok": True, "project": project.token})
 
 
 def _parlel_tracking_plan(store: Store, req: _Request) -> _Response:
@@ -5632,6 +5650,7 @@ _ROUTES: dict[tuple[str, str], Callable[[Store, _Request], _Response]] = {
     ("POST", "/__parlel/tracking-plan"): _parlel_tracking_plan,
     ("GET", "/__parlel/flags"): _parlel_flags,
     ("GET", "/__parlel/recordings"): _parlel_recordings,
+    ("POST", "/__parlel/sdk-config"): _parlel_sdk_config,
     ("GET", "/__parlel/ui"): _parlel_ui,
     ("POST", "/__parlel/flags"): _parlel_flags,
     # Feature flags (ingestion-api.md §9): the SDKs' remote and local evaluation.
@@ -6355,6 +6374,7 @@ def _embedded_tls_files() -> tuple[str, str, str]:
     once per process to a private temporary folder (ssl loads only files)."""
     if not _TLS_DIR:
         folder = tempfile.mkdtemp(prefix="mixpanel_fake_tls_")
+        atexit.register(shutil.rmtree, folder, True)  # leave no key files behind
         for name, text in (("cert.pem", _TLS_CERT_PEM), ("key.pem", _TLS_KEY_PEM),
                            ("ca.pem", _TLS_CA_PEM)):
             with open(os.path.join(folder, name), "w", encoding="ascii") as handle:
@@ -6495,7 +6515,7 @@ class MixpanelFake:
         context = None
         #: The file a client must trust to verify the fake (tls only), else None.
         self.ca_file: str | None = None
-        if tls or certfile is not None:
+        if tls or certfile is not None or keyfile is not None:
             context, self.ca_file = _tls_context(certfile, keyfile)
         self.tls = context is not None
         self._server = _make_server(host, port, self.store, context)
@@ -6974,7 +6994,7 @@ def main(argv: list[str] | None = None) -> int:
         store.log_sink = functools.partial(print, flush=True)
     context, ca_file = None, None
     try:
-        if args.tls or args.certfile:
+        if args.tls or args.certfile or args.keyfile:
             context, ca_file = _tls_context(args.certfile, args.keyfile)
     except (OSError, ValueError, ssl.SSLError) as exc:
         parser.error(f"TLS: {exc}")
@@ -6988,6 +7008,9 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     if ca_file:
         print(f"mixpanel_fake: clients must trust {ca_file}", flush=True)
+        if not args.certfile and not _is_loopback(args.host):
+            print("mixpanel_fake: warning: --tls uses a test key that is public (it ships in this "
+                  "file); off loopback, use --certfile/--keyfile", file=sys.stderr, flush=True)
     if not _is_loopback(args.host):
         print(f"mixpanel_fake: warning: bound to {args.host}, reachable beyond this machine; "
               "it accepts any credentials", file=sys.stderr, flush=True)

@@ -3315,6 +3315,8 @@ class TestFlags(unittest.TestCase):
         status, _ = _http_json("POST", "/flags/ab/first-time-events", {"distinct_id": "u"},
                                headers=_basic(FLAG_TOKEN), port=self.fake.port)
         self.assertEqual(status, 200)
+        status, body = _http_json("POST", "/__parlel/flags", _flag_set()[:1], port=self.fake.port)
+        self.assertEqual((status, body["flags"]), (200, 1))  # a bare list, as --flags FILE takes
 
     def test_cli_flags_file(self):
         with tempfile.TemporaryDirectory() as folder:
@@ -3451,6 +3453,15 @@ class TestReplayAndSettings(_ServerTestCase):
             self.assertEqual((status, json.loads(raw)["error"]), (want_status, message))
         self.assertEqual(MP.recordings(), [])
 
+    def test_settings_over_http(self):
+        self.assertEqual(_json("POST", "/track", _form(data=json.dumps(_event())))[1], 1)  # makes the project
+        self.addCleanup(MP.set_sdk_config, {}, project=TOKEN)
+        status, body = _json("POST", "/__parlel/sdk-config", json.dumps({"project": TOKEN, "config": {"a": 1}}))
+        self.assertEqual((status, body), (200, {"ok": True, "project": TOKEN}))
+        self.assertEqual(_json("GET", "/settings/", headers=_basic(TOKEN))[1], {"sdk_config": {"config": {"a": 1}}})
+        status, body = _json("POST", "/__parlel/sdk-config", json.dumps({"config": []}))
+        self.assertEqual((status, body["error"]), (400, 'the body is {"project"?, "config": {...}}'))
+
     def test_settings(self):
         status, body = _json("GET", "/settings/?sdk_config=1", headers=_basic(TOKEN))
         self.assertEqual((status, body), (200, {"sdk_config": {"config": {}}}))
@@ -3556,6 +3567,10 @@ class TestTls(unittest.TestCase):
             exposures = fake.wait_for_events(2, name="$experiment_started")
             self.assertEqual({e["properties"]["Flag evaluation mode"] for e in exposures}, {"remote"})
             self.assertEqual(len(fake.requests(path="/flags")), 3)
+
+    def test_keyfile_without_certfile_is_refused(self):
+        with self.assertRaisesRegex(ValueError, "keyfile needs certfile"):
+            MixpanelFake(keyfile=self.fake.ca_file)
 
     def test_cli_tls(self):
         proc = subprocess.Popen([sys.executable, os.path.join(HERE, "mixpanel_fake.py"), "--port", "0", "--tls"],
