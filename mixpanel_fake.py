@@ -689,6 +689,7 @@ class Store:
         Identity events and `$user_id`+`$device_id` pairs update the project's
         identity graph here, in arrival order.
         """
+        dropped: list = []  # trimmed-off events, freed after the lock is let go
         with self.lock:
             for token, event in accepted:
                 project, state = self._project_locked(token)
@@ -703,20 +704,24 @@ class Store:
                 state.event_ids.append(self._next_id)
                 self._next_id += 1
                 if self.max_events is not None and len(state.events) > self.max_events:
-                    self._trim_locked(state)
+                    dropped.append(self._trim_locked(state))
             self._reject_locked(rejected)
             self._changed_locked()
+        del dropped
         if self.log_sink is not None:
             _log_records(self.log_sink, accepted, rejected)
 
-    def _trim_locked(self, state: _ProjectState) -> None:
+    def _trim_locked(self, state: _ProjectState) -> tuple[list, list]:
         """Drop the oldest events, down to 90% of max_events, in new lists
-        (readers iterating the old ones are not disturbed)."""
+        (readers iterating the old ones are not disturbed).  Returns the old
+        lists, for the caller to let go once the lock is released."""
         keep = max(1, int(self.max_events * 0.9))  # the newest event always stays
         drop = len(state.events) - keep
+        old = (state.events, state.event_ids)
         state.events = state.events[drop:]
         state.event_ids = state.event_ids[drop:]
         self.dropped += drop
+        return old
 
     def _changed_locked(self) -> None:
         self.version += 1
@@ -824,6 +829,7 @@ class Store:
                               default=0)
                 self._next_id = max(self._next_id, highest + 1)
             self._changed_locked()
+        _discard(old)
 
     # --- journal, faults and rate limits --------------------------------------
 
@@ -909,12 +915,15 @@ class Store:
                     "faults": len(self.faults), "strict_auth": self.strict_auth}
 
     def clear_events(self, project: str | None = None) -> None:
+        dropped = []
         with self.lock:
             for token, state in self.states.items():
                 if project is None or token == project:
+                    dropped += [state.events, state.event_ids]
                     state.events = []
                     state.event_ids = []
             self._changed_locked()
+        _discard(dropped)
 
     def new_id(self) -> int:
         """The next number of the fake's one sequence (lock held)."""
@@ -1090,13 +1099,88 @@ def _states_from_snapshot(snapshot: dict) -> dict[str, _ProjectState]:
     return states
 
 
+class _Reaper:
+    """Frees dropped state on one thread of its own, a slice at a time.
+
+    Freeing 100,000 events is one long C call that holds the GIL; done by
+    the caller it makes reset() slow, done in one piece on another thread it
+    stalls the caller just the same.  The reaper empties containers nobody
+    else can see in slices of a few hundred items, letting other threads run
+    between them; a container a reader still holds is only let go (the reader
+    frees it when done).  One thread for the process, made on first use.
+    """
+
+    SLICE = 256
+
+    def __init__(self) -> None:
+        self._ready = threading.Condition(threading.Lock())
+        self._queue: list = []
+        self._busy = False
+        self._thread: threading.Thread | None = None
+
+    def put(self, old: Any) -> None:
+        with self._ready:
+            self._queue.append(old)
+            self._busy = True
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="mixpanel-fake:free",
+                                                daemon=True)
+                self._thread.start()
+            self._ready.notify_all()
+
+    def settle(self, timeout: float | None = None) -> bool:
+        """Wait until everything put so far is freed."""
+        with self._ready:
+            return self._ready.wait_for(lambda: not self._busy, timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._queue:
+                    self._busy = False
+                    self._ready.notify_all()
+                    self._ready.wait()
+                old = self._queue.pop()
+            try:
+                self._free(old)
+            except Exception:  # freeing must never kill the reaper
+                pass
+            del old
+
+    def _free(self, old: Any) -> None:
+        time.sleep(0.001)  # the caller's passing references are gone by then
+        containers = [old]
+        del old
+        while containers:
+            item = containers.pop()
+            # 2 = this frame's name for it + getrefcount's own argument.
+            if sys.getrefcount(item) > 2:
+                continue  # a reader still holds it: the reader frees it when done
+            if isinstance(item, list):
+                while item:
+                    del item[-self.SLICE:]
+                    time.sleep(0)  # let the other threads run between slices
+            elif isinstance(item, dict):
+                containers.append(list(item.values()))
+                item.clear()
+            elif isinstance(item, (_ProjectState, _Identity)):
+                for name in item.__slots__:
+                    containers.append(getattr(item, name, None))
+                    setattr(item, name, None)
+            del item
+
+
+_REAPER = _Reaper()
+
+
 def _discard(old: Any) -> None:
-    """Free big state on a thread of its own, so reset() returns at once."""
-    threading.Thread(target=_drop, args=(old,), name="mixpanel-fake:free", daemon=True).start()
+    """Free big state off the caller's path, so reset() returns at once."""
+    _REAPER.put(old)
 
 
-def _drop(old: Any) -> None:
-    del old
+def _settle(timeout: float | None = 10) -> bool:
+    """Wait until state dropped so far is freed (benchmarks, tests)."""
+    return _REAPER.settle(timeout)
 
 
 def _log_records(sink: Callable[[str], None], accepted: list, rejected: list) -> None:
