@@ -2062,6 +2062,76 @@ class TestTransport(_ServerTestCase):
         ids = [row["id"] for row in body["events"]]
         self.assertEqual(len(set(ids)), 200)
 
+    def test_unquote_agrees_with_the_stdlib(self):
+        # `_unquote` decodes the usual case in C; every answer must be the
+        # stdlib's, odd escapes, invalid UTF-8 and surrogates included.
+        import random
+        rng = random.Random(3)
+        pieces = ["%", "+", "=", "a", "Z", "0", "f", "\r", "\n", " ", "%2", "%zz", "%e2%82%ac",
+                  "%ff", "%C3%A9", "\u00e9", "\ud800", "%25", "%3d", "%0A", "%00", "\t"]
+        for _ in range(20000):
+            text = "".join(rng.choice(pieces) for _ in range(rng.randrange(10)))
+            for errors in ("replace", "surrogateescape"):
+                self.assertEqual(mixpanel_fake._unquote(text, True, errors),
+                                 urllib.parse.unquote_plus(text, errors=errors), text)
+                self.assertEqual(mixpanel_fake._unquote(text, False, errors),
+                                 urllib.parse.unquote(text, errors=errors), text)
+
+    def test_header_names_are_case_insensitive_and_repeatable(self):
+        reply = _raw_request(b"POST /track?verbose=1 HTTP/1.1\r\nhost: x\r\ncontent-TYPE: application/json\r\n"
+                             b"X-Twice: 1\r\nX-Twice: 2\r\nCONTENT-LENGTH: 2\r\nConnection: close\r\n\r\n{}",
+                             whole_answer=True)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply)
+        entry = MP.requests(path="/track")[-1]
+        self.assertEqual(entry["headers"]["content-TYPE"], "application/json")
+        self.assertEqual(entry["body_size"], 2)
+
+    def test_folded_header_is_joined_with_a_space(self):
+        # RFC 9112 5.2: obsolete line folding may be replaced by a space.
+        reply = _raw_request(b"POST /track HTTP/1.1\r\nHost: x\r\nX-Folded: one\r\n \t two\r\n"
+                             b"Content-Length: 2\r\nConnection: close\r\n\r\n{}", whole_answer=True)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply)
+        self.assertEqual(MP.requests(path="/track")[-1]["headers"]["X-Folded"], "one two")
+
+    def test_malformed_header_line_is_400_json(self):
+        for line in (b"no colon here", b"Bad Name: x", b": empty name", b" continuation first"):
+            reply = _raw_request(b"GET /health HTTP/1.1\r\n" + line + b"\r\n\r\n")
+            head, _, body = reply.partition(b"\r\n\r\n")
+            self.assertTrue(head.startswith(b"HTTP/1.1 400 "), (line, reply))
+            self.assertIn(b"Connection: close", head)
+            self.assertEqual(json.loads(body)["code"], 400, line)
+
+    def test_header_caps_are_431_json(self):
+        cases = {b"X-Big: " + b"a" * 70000 + b"\r\n": "a header line exceeds 65536 bytes",
+                 b"".join(b"X-%d: 1\r\n" % i for i in range(101)): "more than 100 header lines"}
+        for headers, message in cases.items():
+            reply = _raw_request(b"GET /health HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n")
+            head, _, body = reply.partition(b"\r\n\r\n")
+            self.assertTrue(head.startswith(b"HTTP/1.1 431 "), reply[:80])
+            self.assertEqual(json.loads(body), {"code": 431, "error": message,
+                                                "status": "Request Header Fields Too Large"})
+        # 100 headers are still fine, as for the stdlib.
+        reply = _raw_request(b"GET /health HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(99))
+                             + b"Connection: close\r\n\r\n")
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply[:80])
+
+    def test_expect_100_continue(self):
+        sock = socket.create_connection(("127.0.0.1", MP.port), timeout=5)
+        self.addCleanup(sock.close)
+        body = json.dumps(_event("Continued")).encode()
+        sock.sendall(b"POST /track HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: %d\r\n"
+                     b"Connection: close\r\n\r\n" % len(body))
+        self.assertTrue(sock.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n"))
+        sock.sendall(body)
+        reply = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200 ") and reply.endswith(b"\r\n\r\n1"), reply)
+        self.assertEqual([e["event"] for e in self.stored()], ["Continued"])
+
 
 class TestOddInputs(_ServerTestCase):
     """Inputs that once broke the fake: each answers cleanly, loses nothing."""
