@@ -754,9 +754,12 @@ class Store:
         Returns how many updates were applied.
         """
         applied = 0
+        token = project = state = None
         with self.lock:
             for update in updates:
-                project, state = self._project_locked(update.token)
+                if update.token != token:  # a batch is mostly one project's
+                    token = update.token
+                    project, state = self._project_locked(token)
                 key = update.key
                 if kind == "people":
                     table = state.profiles
@@ -1529,10 +1532,34 @@ class _HeaderError(Exception):
 _FIELD_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
+_KNOWN_NAMES: set = set()  # field names seen valid (a cache: bounded)
+
+
 def _read_headers(rfile: Any) -> _Headers:
     """The header block of a request, as RFC 9112 §5 frames it, with the
     stdlib's limits (65536 bytes a line, 100 lines: 431 past them)."""
-    items: list[tuple[str, str]] = []
+    # Usually the whole block is already buffered: split it in one go.
+    buffered = rfile.peek(_MAX_HEADER_LINE) if hasattr(rfile, "peek") else b""
+    if buffered.startswith(b"\r\n"):
+        end = -2  # no headers at all: the block is the one empty line
+    else:
+        end = buffered.find(b"\r\n\r\n")
+    if end != -1:
+        block = buffered[:end + 2] if end >= 0 else b""
+        lines = block.split(b"\r\n")[:-1] if block else []
+        if (len(lines) <= _MAX_HEADERS and b"\n" not in block.replace(b"\r\n", b"")
+                and all(len(line) < _MAX_HEADER_LINE - 1 for line in lines)):
+            items = []
+            for line in lines:
+                text = line.decode("iso-8859-1")
+                name, colon, value = text.partition(":")
+                if not colon or name not in _KNOWN_NAMES:
+                    break  # an odd line: the line-by-line reader below says what
+                items.append((name, value.strip(" \t")))
+            else:
+                rfile.read(end + 4 if end >= 0 else 2)
+                return _Headers(items)
+    items = []
     while True:
         line = rfile.readline(_MAX_HEADER_LINE + 1)
         if len(line) > _MAX_HEADER_LINE:
@@ -1553,15 +1580,20 @@ def _read_headers(rfile: Any) -> _Headers:
         name, colon, value = text.partition(":")
         if not colon or not _FIELD_NAME_RE.fullmatch(name):
             raise _HeaderError(400, f"malformed header line: {text[:60]!r}")
+        if len(_KNOWN_NAMES) < 10000:
+            _KNOWN_NAMES.add(name)
         items.append((name, value.strip(" \t")))
     return _Headers(items)
+
+
+_UNKNOWN = object()  # not worked out yet
 
 
 class _Request:
     """One decoded HTTP request, as handlers see it."""
 
     __slots__ = ("method", "path", "query", "headers", "body", "raw", "is_json", "client", "records",
-                 "raw_path", "cleanup")
+                 "raw_path", "cleanup", "credentials")
 
     def __init__(self, method: str, path: str, query: str, headers: Any,
                  body: bytes, client: str = ""):
@@ -1571,6 +1603,7 @@ class _Request:
         self.records: list | None = None  # what the handler decoded, for the journal
         self.raw_path = path  # as the client wrote it (plumbing sets it)
         self.cleanup: list[Callable[[], None]] = []  # run once the answer is sent
+        self.credentials: Any = _UNKNOWN  # `_credential_token`'s answer, once asked
         self.headers = headers
         self.body = body
         self.client = client
@@ -1755,7 +1788,15 @@ def _read_records(req: _Request, ndjson: bool) -> tuple[list, str]:
 
 
 def _credential_token(store: Store, req: _Request) -> str | None:
-    """The project that the request's credentials name, if any."""
+    """The project that the request's credentials name, if any (worked out
+    once a request: handlers and the journal both ask)."""
+    if req.credentials is not _UNKNOWN:
+        return req.credentials
+    req.credentials = token = _resolve_credentials(store, req)
+    return token
+
+
+def _resolve_credentials(store: Store, req: _Request) -> str | None:
     project_id = req.param("project_id")
     auth = req.basic_auth()
     if auth is not None:
@@ -2563,6 +2604,8 @@ def _normalize_time(value: Any) -> int | float:
     Floats are kept (the Python and browser SDKs send float seconds); whole
     milliseconds become whole seconds.
     """
+    if type(value) is int and 0 <= value < _MS_THRESHOLD:
+        return value  # the usual case: whole seconds
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(value)
     if abs(value) > _MAX_TIME or value != value:  # int-safe: no float() of a huge int
@@ -2715,8 +2758,6 @@ def _check_value(value: Any, field: str, depth: int, limits: _Limits) -> Any:
     return result
 
 
-_SCALAR_TYPES = frozenset((str, int, float, bool, type(None)))
-_is_str = str.__instancecheck__
 # Property names seen to be short and ASCII: records reuse a few names, so
 # one set lookup per record replaces a check per name.  Bounded.
 _PLAIN_NAMES: set = set()
@@ -2738,21 +2779,29 @@ def _plain_names(props: dict) -> bool:
 
 def _check_properties(props: dict, prefix: str, limits: _Limits) -> dict:
     """Truncate names and strings, refuse what breaks a limit (ingestion-api.md §11)."""
-    # The common case, checked a whole record at a time (in C where it can
-    # be): names and strings short and ASCII, and all strings together no
-    # longer than one may be; numbers, booleans, nulls: nothing to cut or refuse.
-    values = props.values()
-    names = _plain_names(props)
-    texts = "".join(filter(_is_str, values))
-    strings = len(texts) <= _MAX_STRING and texts.isascii()
-    if names and strings and _SCALAR_TYPES.issuperset(map(type, values)):
-        return props
+    # The common case first, in one tight loop: names known plain, values
+    # short ASCII strings, numbers, booleans, nulls, empty lists and objects:
+    # nothing to cut or refuse.
+    names = _PLAIN_NAMES.issuperset(props) or _plain_names(props)
+    if names:
+        for value in props.values():
+            kind = type(value)
+            if kind is str:
+                if len(value) > _MAX_STRING or not value.isascii():
+                    break
+            elif kind is list or kind is dict:
+                if value:
+                    break
+            elif kind is not int and kind is not float and kind is not bool and value is not None:
+                break
+        else:
+            return props
     changes = None
     for name, value in props.items():
         if names:
             kind = type(value)
             if kind is str:
-                if strings or (len(value) <= _MAX_STRING and value.isascii()):
+                if len(value) <= _MAX_STRING and value.isascii():
                     continue
             elif kind is int or kind is float or kind is bool or value is None:
                 continue  # only lists, objects and odd strings need a closer look
@@ -2786,7 +2835,7 @@ def _check_id(props: dict, field: str) -> None:
     value = props[field]
     if value == "":
         return  # allowed: "excluded from user analysis" (R-import)
-    text = _id_text(value)
+    text = value if type(value) is str else _id_text(value)
     if text is None:
         raise _invalid(f"properties.{field}", "must be a string")
     if text.lower() in _PLACEHOLDER_IDS:
@@ -3068,6 +3117,9 @@ def _record_token(record: Any, kind: str) -> str | None:
     return token if isinstance(token, str) and token else None
 
 
+_VERBOSE_OK = b'{"status":1,"error":null}'
+
+
 def _ingest_answer(req: _Request, ok: bool, error: str | None, status: int = 200) -> _Response:
     """The /track-style answer: `1`/`0`, verbose JSON, JSONP or a pixel.
 
@@ -3078,7 +3130,7 @@ def _ingest_answer(req: _Request, ok: bool, error: str | None, status: int = 200
     if req.param("img") == "1":
         return _Response(status, _PIXEL_GIF, "image/gif")
     if verbose in ("1", "2"):
-        body = _dumps({"status": 1 if ok else 0, "error": None if ok else error})
+        body = _VERBOSE_OK if ok else _dumps({"status": 0, "error": error})
         content_type = "application/json"
         if verbose == "2" and not ok and status == 200:
             status = 400

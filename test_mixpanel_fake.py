@@ -2115,6 +2115,27 @@ class TestTransport(_ServerTestCase):
                              + b"Connection: close\r\n\r\n")
         self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply[:80])
 
+    def test_header_block_arriving_in_pieces(self):
+        # The parser splits a fully buffered block at once and reads line by
+        # line otherwise: both give the same request.
+        sock = socket.create_connection(("127.0.0.1", MP.port), timeout=5)
+        self.addCleanup(sock.close)
+        body = json.dumps(_event("Pieces")).encode()
+        head = (b"POST /track?verbose=1 HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body))
+        for piece in (head[:20], head[20:45], head[45:-3], head[-3:], body):
+            sock.sendall(piece)
+            time.sleep(0.02)
+        reply = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+        self.assertTrue(reply.endswith(b'\r\n\r\n{"status":1,"error":null}'), reply)
+        self.assertEqual(MP.requests(path="/track")[-1]["headers"]["Content-Type"], "application/json")
+        self.assertEqual([e["event"] for e in self.stored()], ["Pieces"])
+
     def test_expect_100_continue(self):
         sock = socket.create_connection(("127.0.0.1", MP.port), timeout=5)
         self.addCleanup(sock.close)
