@@ -568,20 +568,10 @@ class _ProjectState:
         self.recordings: list[dict] = []  # session-replay batches (/record)
 
 
-class _Update:
-    """One validated /engage or /groups update, waiting for the lock."""
-
-    __slots__ = ("token", "key", "ops", "last_seen", "ignore_alias", "index", "record")
-
-    def __init__(self, token: str, key: Any, ops: list, last_seen: str | None,
-                 ignore_alias: bool, index: int, record: Any):
-        self.token = token
-        self.key = key
-        self.ops = ops
-        self.last_seen = last_seen
-        self.ignore_alias = ignore_alias
-        self.index = index
-        self.record = record
+# One validated /engage or /groups update, waiting for the lock: a plain
+# tuple (made by the thousand per batch, so no class):
+# (token, key, ops, last_seen, ignore_alias, index, record).
+_Update = tuple
 
 
 class Store:
@@ -756,19 +746,18 @@ class Store:
         applied = 0
         token = project = state = None
         with self.lock:
-            for update in updates:
-                if update.token != token:  # a batch is mostly one project's
-                    token = update.token
+            for update_token, key, ops, last_seen, ignore_alias, index, record in updates:
+                if update_token != token:  # a batch is mostly one project's
+                    token = update_token
                     project, state = self._project_locked(token)
-                key = update.key
                 if kind == "people":
                     table = state.profiles
-                    if project.id_merge == "original" and not update.ignore_alias:
+                    if project.id_merge == "original" and not ignore_alias:
                         key = state.identity.resolve(key)
                 else:
                     table = state.groups
                 try:
-                    error = _apply_ops(table, key, update.ops, update.last_seen)
+                    error = _apply_ops(table, key, ops, last_seen)
                 except Exception as exc:  # a bug in the fake: keep going, report it
                     self.errors.append(exc)
                     error = f"mixpanel_fake internal error: {type(exc).__name__}: {exc}"
@@ -776,16 +765,16 @@ class Store:
                     applied += 1
                 else:
                     prefix = "Engage API error: " if kind == "people" else "Groups API error: "
-                    rejected.append(_rejection(endpoint, update.token, update.index, update.record,
+                    rejected.append(_rejection(endpoint, token, index, record,
                                                _Reject(None, prefix + error), now))
             self._reject_locked(rejected)
             self._changed_locked()
         if self.log_sink is not None:
             refused = {id(r["record"]) for r in rejected}
-            for update in updates:
-                if id(update.record) not in refused:
-                    self.log_sink(_dumps({"accepted": True, "project": update.token,
-                                          "update": update.record}).decode("utf-8", "replace"))
+            for update_token, *_, record in updates:
+                if id(record) not in refused:
+                    self.log_sink(_dumps({"accepted": True, "project": update_token,
+                                          "update": record}).decode("utf-8", "replace"))
             _log_records(self.log_sink, [], rejected)
         return applied
 
@@ -1329,7 +1318,10 @@ def _apply_ops(table: dict, key: Any, ops: list[tuple[str, Any]],
             if op not in _CREATING_OPS:
                 continue
             props = {}
-        _PROFILE_OPS[op](props, value)
+        if op == "$set":
+            props.update(value)  # `_op_set`, inlined: most updates are one $set
+        else:
+            _PROFILE_OPS[op](props, value)
         touched = True
     if props is None:
         table.pop(key, None)
@@ -3004,7 +2996,7 @@ def _id_text(value: Any) -> str | None:
 
 
 def _normalize_update(record: Any, kind: str, fallback_token: str | None, now: float,
-                      index: int, sized: bool, store: Store) -> _Update:
+                      index: int, sized: bool, store: Store, now_iso: str | None = None) -> _Update:
     """One /engage or /groups update, checked, or `_Reject` saying why not.
 
     Ids follow the rules of event strings (UTF-8, cut at 255), so a profile
@@ -3023,10 +3015,12 @@ def _normalize_update(record: Any, kind: str, fallback_token: str | None, now: f
         if sized and len(_dumps(record)) >= _MAX_EVENT_BYTES:
             raise _Reject(None, "update is invalid: must be smaller than 1MB of uncompressed JSON")
         if kind == "people":
-            key: Any = _id_text(record.get("$distinct_id"))
-            if key is None:
-                raise _Reject("$distinct_id", "$distinct_id, missing or empty")
-            key = _check_string(key, "$distinct_id")
+            key: Any = record.get("$distinct_id")
+            if type(key) is not str or not key or len(key) > _MAX_STRING or not key.isascii():
+                key = _id_text(key)  # not the usual short ASCII string: the full rules
+                if key is None:
+                    raise _Reject("$distinct_id", "$distinct_id, missing or empty")
+                key = _check_string(key, "$distinct_id")
             allowed, known = _PEOPLE_OPS, _PEOPLE_OP_SET
         else:
             group_key = record.get("$group_key")
@@ -3049,7 +3043,8 @@ def _normalize_update(record: Any, kind: str, fallback_token: str | None, now: f
     if not ops:
         raise _Reject(None, prefix + "no operation: expected one of " + ", ".join(allowed))
     last_seen = None
-    if kind == "people" and not _flag(record.get("$ignore_time")):
+    ignore_time = record.get("$ignore_time")
+    if kind == "people" and not (ignore_time is True or ignore_time == "true"):  # `_flag`, inlined
         # `$last_seen` is the time of the update: its `$time`, else arrival.
         if "$time" in record:
             try:
@@ -3057,8 +3052,9 @@ def _normalize_update(record: Any, kind: str, fallback_token: str | None, now: f
             except ValueError:
                 last_seen = None
         if last_seen is None:
-            last_seen = _iso_seconds(now)
-    return _Update(token, key, ops, last_seen, _flag(record.get("$ignore_alias")), index, record)
+            last_seen = now_iso or _iso_seconds(now)
+    ignore_alias = record.get("$ignore_alias")
+    return (token, key, ops, last_seen, ignore_alias is True or ignore_alias == "true", index, record)
 
 
 def _flag(value: Any) -> bool:
@@ -3320,13 +3316,14 @@ def _ingest_profiles(store: Store, req: _Request, kind: str, endpoint: str) -> _
         return _ingest_answer(req, False, _too_many(len(records)), status=413)
     fallback = _credential_token(store, req)
     sized = len(req.body) + len(req.raw.get("data") or "") >= _MAX_EVENT_BYTES
+    now_iso = _iso_seconds(now)  # the `$last_seen` of updates that give no `$time`
     req.records = records
     updates = []
     rejected: list[dict] = []
     dropped = 0
     for index, record in enumerate(records):
         try:
-            updates.append(_normalize_update(record, kind, fallback, now, index, sized, store))
+            updates.append(_normalize_update(record, kind, fallback, now, index, sized, store, now_iso))
         except _Reject as reject:
             token = _record_token(record, kind) or fallback
             rejected.append(_rejection(endpoint, token, index, record, reject, now))
