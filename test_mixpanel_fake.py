@@ -16,19 +16,25 @@ import http.client
 import json
 import logging
 import os
+import random
+import select
 import shutil
+import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import tracemalloc
 import unittest
 import urllib.error
 import urllib.parse
 import urllib.request
 import unittest.mock
+import zlib
 
 import mixpanel_fake
 from mixpanel_fake import MixpanelFake, Project, WaitTimeout
@@ -2098,11 +2104,11 @@ class TestOddInputs(_ServerTestCase):
         MP.check()
 
     def test_client_that_stalls_mid_body_gets_408(self):
-        self.addCleanup(setattr, mixpanel_fake._Handler, "timeout", mixpanel_fake._Handler.timeout)
-        mixpanel_fake._Handler.timeout = 0.3
-        reply = self.raw(b"POST /track HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\ndata=")
-        self.assertTrue(reply.startswith(b"HTTP/1.1 408 "), reply[:80])
-        MP.check()
+        with MixpanelFake(idle_timeout=0.3) as fake:
+            reply = _raw_request(b"POST /track HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\ndata=",
+                                 port=fake.port, whole_answer=True)
+            self.assertTrue(reply.startswith(b"HTTP/1.1 408 "), reply[:80])
+            self.assertEqual(fake.events(), [])
 
     def test_deeply_nested_record_is_refused_and_still_listable(self):
         deep = b'{"event":"e","properties":{"token":"t","x":' + b"[" * 985 + b"]" * 985 + b"}}"
@@ -2923,6 +2929,190 @@ class TestPublicApi(unittest.TestCase):
                   if not name.startswith("_") and getattr(value, "__module__", None) == "mixpanel_fake"}
         public.add("DEFAULT_PORT")
         self.assertEqual(sorted(mixpanel_fake.__all__), sorted(public))
+
+
+# =============================================================================
+# Hardening (issue #8): limits, load, shutdown, access
+# =============================================================================
+
+
+def _gzip_of_zeros(size_mb):
+    """A valid gzip member of `size_mb` MB of zeros, about 1 KB per MB, built
+    from one compressed MB: after a full flush each MB compresses to the same
+    bytes, so the stream is that block repeated (cheap for any size)."""
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    zeros = bytes(1 << 20)
+    first = deflate.compress(zeros) + deflate.flush(zlib.Z_FULL_FLUSH)
+    block = deflate.compress(zeros) + deflate.flush(zlib.Z_FULL_FLUSH)
+    assert deflate.compress(zeros) + deflate.flush(zlib.Z_FULL_FLUSH) == block
+    crc = 0
+    for _ in range(size_mb):
+        crc = zlib.crc32(zeros, crc)
+    return (b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff" + first + block * (size_mb - 1)
+            + deflate.flush() + struct.pack("<II", crc, (size_mb << 20) & 0xFFFFFFFF))
+
+
+def _read_until_closed(sock, timeout=10):
+    """Everything the server sends until it closes: (bytes, seconds taken)."""
+    started = time.monotonic()
+    sock.settimeout(timeout)
+    received = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return received, time.monotonic() - started
+        received += chunk
+
+
+def _wait_until(condition, timeout=10):
+    """Poll for a condition another thread makes true (ordering, not timing)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in %s s" % timeout)
+        time.sleep(0.01)
+
+
+def _split_answer(raw):
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    return lines[0], headers, body
+
+
+class TestLimits(_ServerTestCase):
+    """Each resource limit answers in JSON with the status HTTP prescribes.
+
+    Already tested elsewhere, not repeated here: the 413 for a Content-Length
+    over 10 MB without reading it, a 10 MB gzip bomb, and more than 64 gzip
+    members (TestTransport, TestOddInputs); a 1.5 MB request line accepted
+    and one over 4 MB answered 414 (TestTransport); 2000 records (TestValidation);
+    the body stalled mid-way (408, TestOddInputs); the journal's and
+    max_events' bounds (TestJournal, TestState); expression caps in the parser
+    (TestExpressions)."""
+
+    def test_gzip_bomb_of_1_gb_is_413_without_inflating_it(self):
+        bomb = _gzip_of_zeros(1024)
+        self.assertLess(len(bomb), 1_100_000)
+        self.assertEqual(zlib.decompressobj(31).decompress(bomb, 100), bytes(100))  # it is gzip
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        status, headers, body = _http("POST", "/import", bomb, {"Content-Encoding": "gzip",
+                                                                 "Content-Type": "application/json"})
+        peak = tracemalloc.get_traced_memory()[1]
+        self.assertEqual((status, json.loads(body)), (413, {
+            "code": 413, "error": "request exceeds max limit of 10485760 bytes",
+            "status": "Request Entity Too Large"}))
+        # The compressed body (1 MB) and at most the cap's 10 MB of output in
+        # the server thread; inflating the gigabyte would show as ~1 GB here.
+        self.assertLess(peak, 3 * mixpanel_fake._MAX_BODY_BYTES)
+        self.assertEqual(MP.events(), [])
+
+    def test_header_caps_are_431_json_and_the_connection_closes(self):
+        cases = {"Too many headers": b"".join(b"X-H%d: v\r\n" % i for i in range(101)),
+                 "Line too long": b"X-Long: " + b"a" * 65536 + b"\r\n"}
+        for message, headers in cases.items():
+            with self.subTest(message):
+                sock = socket.create_connection(("127.0.0.1", MP.port), timeout=10)
+                self.addCleanup(sock.close)
+                sock.sendall(b"POST /track HTTP/1.1\r\nHost: x\r\n" + headers
+                             + b"Content-Length: 2\r\n\r\n[]")
+                raw, _ = _read_until_closed(sock)  # the server closes it
+                status, head, body = _split_answer(raw)
+                self.assertEqual(status, "HTTP/1.1 431 Request Header Fields Too Large")
+                self.assertEqual((head["content-type"], head["connection"]), ("application/json", "close"))
+                self.assertEqual(json.loads(body), {"code": 431, "error": message,
+                                                    "status": "Request Header Fields Too Large"})
+        self.assertEqual(_http("GET", "/health")[0], 200)
+        MP.check()
+
+    def test_where_length_and_depth_caps_are_400_query_errors(self):
+        _post("/track", [_event("e")])
+        cases = {'properties["a"] == 1 or ' * 1000 + "true":
+                 "invalid where: expression longer than 20000 characters (at column 1)",
+                 "(" * 65 + "true" + ")" * 65: "invalid where: expression nested more than 64 deep (at column 65)"}
+        for where, message in cases.items():
+            with self.subTest(message):
+                query = urllib.parse.urlencode({"event": '["e"]', "from_date": "2026-11-14",
+                                                "to_date": "2026-11-14", "where": where})
+                status, _, body = _http("GET", "/api/2.0/segmentation?" + query, headers=_basic(TOKEN))
+                self.assertEqual((status, json.loads(body)), (400, {
+                    "request": "/api/2.0/segmentation?" + query, "error": message}))
+
+    def test_idle_and_slow_clients_are_cut_off_while_others_are_served(self):
+        idle = 0.5
+        with MixpanelFake(idle_timeout=idle) as fake:
+            # Connected, never sends a byte: closed after the idle timeout, no answer.
+            silent = socket.create_connection(("127.0.0.1", fake.port))
+            self.addCleanup(silent.close)
+            # Slowloris: a byte of the head every 0.1 s, each well within the
+            # idle timeout; the head's deadline still ends it.
+            slow = socket.create_connection(("127.0.0.1", fake.port))
+            self.addCleanup(slow.close)
+            head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"a" * 200
+            sent = 0
+            served = 0
+            started = time.monotonic()
+            while sent < len(head) and not select.select([slow], [], [], 0.1)[0]:
+                slow.sendall(head[sent:sent + 1])
+                sent += 1
+                if sent % 5 == 0:  # meanwhile, another client is served at once
+                    self.assertEqual(_http("GET", "/health", port=fake.port)[::2], (200, b'{"status":"ok"}'))
+                    served += 1
+            raw, _ = _read_until_closed(slow)
+            took = time.monotonic() - started
+            status, headers, body = _split_answer(raw)
+            self.assertEqual(status, "HTTP/1.1 408 Request Timeout")
+            self.assertEqual(headers["connection"], "close")
+            self.assertEqual(json.loads(body), {"code": 408, "status": "Request Timeout",
+                                                "error": "the client did not send its request head in time"})
+            self.assertLess(sent, len(head))  # cut off before the head was done
+            self.assertGreaterEqual(took, idle)
+            self.assertLess(took, idle + 2)  # generous; one byte per 0.1 s would take 22 s
+            self.assertGreater(served, 0)
+            self.assertEqual(_read_until_closed(silent)[0], b"")
+            _wait_until(lambda: fake._server.connections == 0)
+
+    def test_connections_past_the_cap_get_an_immediate_503(self):
+        with MixpanelFake(max_connections=2) as fake:
+            held = []
+            for _ in range(2):
+                conn = http.client.HTTPConnection("127.0.0.1", fake.port, timeout=10)
+                self.addCleanup(conn.close)
+                conn.request("GET", "/health")
+                self.assertEqual(conn.getresponse().read(), b'{"status":"ok"}')  # kept alive
+                held.append(conn)
+            threads = threading.active_count()
+            refused = socket.create_connection(("127.0.0.1", fake.port))
+            self.addCleanup(refused.close)
+            raw, _ = _read_until_closed(refused)  # without sending anything
+            status, headers, body = _split_answer(raw)
+            self.assertEqual(status, "HTTP/1.1 503 Service Unavailable")
+            self.assertEqual((headers["connection"], headers["retry-after"], headers["content-type"],
+                              headers["content-length"]), ("close", "1", "application/json", str(len(body))))
+            expected = {"code": 503, "error": "too many connections: mixpanel_fake serves at most 2 at once",
+                        "status": "Service Unavailable"}
+            self.assertEqual(json.loads(body), expected)
+            self.assertEqual(threading.active_count(), threads)  # no handler thread for it
+            # A client that sends its request at once reads the 503 too.
+            self.assertEqual(_http("POST", "/track", json.dumps(_event()), port=fake.port)[::2],
+                             (503, mixpanel_fake._dumps(expected)))
+            self.assertEqual((fake._server.refused, fake.events()), (2, []))
+            held.pop().close()
+            _wait_until(lambda: fake._server.connections == 1)
+            self.assertEqual(_http("GET", "/health", port=fake.port)[0], 200)
+            held[0].request("GET", "/health")
+            self.assertEqual(held[0].getresponse().status, 200)
+
+    def test_new_limits_are_checked(self):
+        for bad in ({"idle_timeout": 0}, {"idle_timeout": float("inf")}, {"idle_timeout": "5"},
+                    {"max_connections": 0}, {"max_connections": 2.5}, {"max_connections": True}):
+            with self.subTest(bad), self.assertRaises(ValueError):
+                MixpanelFake(**bad)
+        result = subprocess.run([sys.executable, os.path.join(HERE, "mixpanel_fake.py"), "--port", "0",
+                                 "--max-connections", "0"], capture_output=True, text=True, timeout=30)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("--max-connections must be a whole number, 1 or more", result.stderr)
 
 
 # =============================================================================
