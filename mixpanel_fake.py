@@ -6448,6 +6448,8 @@ class _Server(ThreadingHTTPServer):
         max_connections = _check_max_connections(max_connections)
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
+        self._handlers_lock = threading.Lock()
+        self._threads_alive: set = set()  # handler threads (daemons: the stdlib keeps no list)
         super().__init__(address, _Handler)
         self.store = store
         self.tls = tls
@@ -6459,7 +6461,6 @@ class _Server(ThreadingHTTPServer):
         self._selector: selectors.BaseSelector | None = None
         self.closing = False
         self._handlers: set = set()
-        self._handlers_lock = threading.Lock()
         self._wake_r, self._wake_w = socket.socketpair()
         self._stopped = threading.Event()
         self._stopped.set()
@@ -6504,6 +6505,8 @@ class _Server(ThreadingHTTPServer):
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        with self._handlers_lock:
+            self._threads_alive.add(threading.current_thread())
         try:
             super().process_request_thread(request, client_address)
         finally:
@@ -6512,6 +6515,7 @@ class _Server(ThreadingHTTPServer):
     def _connection_closed(self) -> None:
         with self._handlers_lock:
             self.connections -= 1
+            self._threads_alive.discard(threading.current_thread())
 
     def _refuse(self, connection: socket.socket) -> None:
         """Answer 503 from the accepting thread, without reading the request
@@ -6632,7 +6636,9 @@ class _Server(ThreadingHTTPServer):
         """Release the port; wait for the handler threads, but not for ever."""
         socketserver.TCPServer.server_close(self)
         deadline = time.monotonic() + timeout
-        for thread in list(vars(self).get("_threads") or ()):
+        with self._handlers_lock:
+            threads = list(self._threads_alive)
+        for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -6783,6 +6789,35 @@ def _write_state(path: str, snapshot: dict) -> None:
         os.close(descriptor)
 
 
+def _check_save_interval(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError("save_interval must be a number of seconds above 0, or None")
+    return float(value)
+
+
+def _autosave(store: Store, path: str, interval: float) -> threading.Thread:
+    """Save the state file every `interval` seconds while it changes (each
+    save atomic), until the store stops; a SIGKILL then loses at most the
+    last interval."""
+    def run() -> None:
+        saved = store.version  # as loaded: the file has it already
+        while not store.stopping.wait(interval):
+            version = store.version
+            if version == saved:
+                continue
+            try:
+                _write_state(path, store.snapshot())
+            except (OSError, ValueError) as exc:
+                _log.warning("mixpanel_fake: saving the state file %s failed: %s", path, exc)
+                continue
+            saved = version
+    thread = threading.Thread(target=run, name="mixpanel-fake:autosave", daemon=True)
+    thread.start()
+    return thread
+
+
 # =============================================================================
 # MixpanelFake: the server on a background thread, and the Python API
 # =============================================================================
@@ -6801,9 +6836,14 @@ class MixpanelFake:
                  journal_size: int = _JOURNAL_SIZE, max_events: int | None = None,
                  rate_limits: dict | None = None, state_file: str | None = None,
                  tls: bool = False, certfile: str | None = None, keyfile: str | None = None,
-                 idle_timeout: float = _IDLE_TIMEOUT, max_connections: int = _MAX_CONNECTIONS):
+                 idle_timeout: float = _IDLE_TIMEOUT, max_connections: int = _MAX_CONNECTIONS,
+                 save_interval: float | None = None):
         _check_idle_timeout(idle_timeout)
         _check_max_connections(max_connections)
+        self.save_interval = _check_save_interval(save_interval)
+        if save_interval is not None and state_file is None:
+            raise ValueError("save_interval needs a state_file")
+        self._autosaver: threading.Thread | None = None
         self.store = Store(projects, clock, strict_auth, journal_size, max_events, rate_limits)
         self.state_file = state_file
         if state_file is not None:
@@ -6848,6 +6888,8 @@ class MixpanelFake:
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         name=f"mixpanel-fake:{self.port}", daemon=True)
         self._thread.start()
+        if self.save_interval is not None:
+            self._autosaver = _autosave(self.store, self.state_file, self.save_interval)
         return self
 
     def stop(self) -> None:
@@ -6857,6 +6899,8 @@ class MixpanelFake:
         self._server.stop()
         if self._thread is not None:
             self._thread.join(5)
+        if self._autosaver is not None:
+            self._autosaver.join(10)  # a save under way finishes first
         if first and self.state_file is not None:
             self.save()
 
@@ -7246,6 +7290,9 @@ def main(argv: list[str] | None = None) -> int:
                         help='feature flags for the --token project: a JSON list, or {"flags": [...]}')
     parser.add_argument("--plan-enforce", action="store_true",
                         help="refuse events that break the tracking plan")
+    parser.add_argument("--save-interval", type=float, metavar="SECONDS",
+                        help="with --state-file, also save every SECONDS while the state changes, "
+                             "so a kill loses at most that much (default: only on exit)")
     parser.add_argument("--idle-timeout", type=float, default=_IDLE_TIMEOUT, metavar="SECONDS",
                         help="close idle connections, and requests whose head has not arrived, "
                              "after this long (default: %(default)s)")
@@ -7263,9 +7310,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--tracking-plan needs --token")
     if args.flags and not args.token:
         parser.error("--flags needs --token")
+    if args.save_interval is not None and not args.state_file:
+        parser.error("--save-interval needs --state-file")
     try:
         _check_idle_timeout(args.idle_timeout)
         _check_max_connections(args.max_connections)
+        _check_save_interval(args.save_interval)
     except ValueError as exc:
         parser.error("--" + str(exc).replace("_", "-"))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -7323,12 +7373,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mixpanel_fake: warning: bound to {args.host}, reachable beyond this machine; "
               "it accepts any credentials", file=sys.stderr, flush=True)
     signal.signal(signal.SIGTERM, _stop_on_signal)  # a clean exit saves the state file
+    autosaver = _autosave(store, args.state_file, args.save_interval) if args.save_interval else None
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.stop()
+        if autosaver is not None:
+            autosaver.join(10)
         if args.state_file:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut the save
             signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -3283,6 +3283,149 @@ class TestLoad(unittest.TestCase):
         self.assertLess(block_growth, 5_000)
 
 
+def _new_threads(before):
+    """Threads alive now that were not before, but the process-wide reaper."""
+    return [t for t in threading.enumerate() if t not in before and t.name != "mixpanel-fake:free"]
+
+
+class TestShutdown(unittest.TestCase):
+    """stop() and kills: prompt, nothing left running, nothing half-stored."""
+
+    def test_stop_with_requests_in_flight_is_prompt_and_leaves_no_thread(self):
+        before = set(threading.enumerate())
+        fake = MixpanelFake().start()
+        fake.set_time(T0)
+        port = fake.port
+        # A slow upload, mid-body.
+        upload = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.addCleanup(upload.close)
+        body = _form(data=json.dumps(_event("Half")))
+        upload.sendall(b"POST /track HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                       % (len(body), body[:10].encode()))
+        # A half-sent head.
+        head = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.addCleanup(head.close)
+        head.sendall(b"POST /track HTTP/1.1\r\nHost: x\r\nContent-Le")
+        # A request held by a delay fault.
+        fake.add_fault("/engage", status=None, delay=60)
+        held = []
+
+        def delayed():
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            try:
+                conn.request("POST", "/engage", json.dumps({"$token": TOKEN, "$distinct_id": "u", "$set": {"a": 1}}))
+                held.append(conn.getresponse().status)
+            except (OSError, http.client.HTTPException) as exc:
+                held.append(type(exc).__name__)
+            finally:
+                conn.close()
+        client = threading.Thread(target=delayed)
+        client.start()
+        _wait_until(lambda: fake.faults() == [])  # taken: the request is in its delay
+        # Idle keep-alive connections.
+        idle = []
+        for _ in range(3):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            self.addCleanup(conn.close)
+            conn.request("GET", "/health")
+            self.assertEqual(conn.getresponse().read(), b'{"status":"ok"}')
+            idle.append(conn)
+        _wait_until(lambda: fake._server.connections == 6)
+
+        started = time.monotonic()
+        fake.stop()
+        took = time.monotonic() - started
+        client.join(10)
+        left = _new_threads(before)
+        print(f"shutdown: stop() with a slow upload, a half-sent head, a delayed request and 3 idle "
+              f"keep-alives in flight returned in {took:.2f} s; {len(left)} threads left",
+              file=sys.stderr, flush=True)
+        self.assertLess(took, 2.0)
+        self.assertEqual(left, [])
+        for sock in (upload, head):
+            self.assertEqual(_read_until_closed(sock)[0], b"")  # closed, nothing half-answered
+        self.assertEqual(held, ["RemoteDisconnected"])
+        self.assertEqual((fake.events(), fake.profiles()), ([], {}))  # nothing half-stored
+        with self.assertRaises(OSError):
+            _http("GET", "/health", port=port, timeout=1)
+
+    def test_sigkill_mid_traffic_leaves_the_last_saved_state_loadable(self):
+        rng = random.Random(8)
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "state.json")
+        kept = []   # the events the state file holds: markers 0..n-1 in order
+        sent = 0    # events sent so far (the highest marker + 1)
+        lost = 0    # sent after a round's last save, so killed with it
+
+        def saved():
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    data = json.load(handle)
+            except FileNotFoundError:
+                return None
+            return [e["properties"]["m"] for e in data["states"]["kt"]["events"]]
+
+        rounds = 4
+        for round_ in range(rounds + 1):
+            proc = subprocess.Popen([sys.executable, os.path.join(HERE, "mixpanel_fake.py"), "--port", "0",
+                                     "--token", "kt", "--state-file", path, "--save-interval", "0.05"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            self.addCleanup(proc.stderr.close)
+            self.addCleanup(proc.stdout.close)
+            self.addCleanup(proc.kill)
+            port = int(proc.stdout.readline().rsplit(":", 1)[1])
+            # The restart serves what the file held, and cleared a killed save's leftovers.
+            status, _, body = _http("GET", "/__parlel/events?project=kt", port=port)
+            self.assertEqual([e["properties"]["m"] for e in json.loads(body)["events"]], kept)
+            self.assertEqual(sorted(os.listdir(directory)), ["state.json"] if kept else [])
+            if round_ == rounds:
+                proc.terminate()
+                proc.wait(10)
+                break
+            stop = threading.Event()
+            first = sent
+            counter = [sent]
+
+            def traffic():
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                try:
+                    while not stop.is_set():
+                        m = counter[0]
+                        counter[0] += 1  # counted before it is sent: it may land unanswered
+                        conn.request("POST", "/track", json.dumps(_event("K", "kt", m=m)))
+                        conn.getresponse().read()
+                except (OSError, http.client.HTTPException):
+                    pass  # killed
+                finally:
+                    conn.close()
+            client = threading.Thread(target=traffic)
+            client.start()
+            _wait_until(lambda: len(saved() or ()) > len(kept))  # a save during this round
+            time.sleep(rng.uniform(0.0, 0.3))  # then a kill at a random moment, traffic flowing
+            proc.kill()
+            proc.wait(10)
+            stop.set()
+            client.join(10)
+            sent = counter[0]
+            mixpanel_fake._read_state(path)  # parses and checks as a load does
+            now = saved()
+            # What the file had, then a prefix of this round's events: no gap,
+            # no copy; what came after the last save died with the process.
+            self.assertEqual(now[:len(kept)], kept)
+            self.assertEqual(now[len(kept):], list(range(first, first + len(now) - len(kept))))
+            self.assertGreater(len(now), len(kept))
+            self.assertLessEqual(now[-1], sent - 1)
+            lost += sent - now[-1] - 1
+            kept = now
+        with MixpanelFake(state_file=path) as fake:  # and the Python API loads it too
+            self.assertEqual([e["properties"]["m"] for e in fake.events(project="kt")], kept)
+        print(f"state file: {rounds} SIGKILLs mid-traffic (seed 8, autosave every 0.05 s): the file loaded "
+              f"after each and the restart served it; {len(kept)} of {sent} events kept, in order, "
+              f"0 duplicated; {lost} sent after a round's last save died with it",
+              file=sys.stderr, flush=True)
+
+
 # =============================================================================
 # The real SDKs, pinned (conformance/), over real sockets
 # =============================================================================
