@@ -3426,6 +3426,164 @@ class TestShutdown(unittest.TestCase):
               file=sys.stderr, flush=True)
 
 
+class TestAccess(unittest.TestCase):
+    """Who can reach the fake, read it and write it; credentials never shown."""
+
+    SECRETS = ("sekrit-api", "sekrit-sa", "sekrit-query", "sekrit-form")
+
+    def test_binds_loopback_unless_told_and_warns_when_wider(self):
+        with MixpanelFake() as fake:
+            self.assertEqual(fake._server.server_address[0], "127.0.0.1")
+        with self.assertLogs("mixpanel_fake", "WARNING") as logs:
+            fake = MixpanelFake(host="0.0.0.0")
+        with fake:
+            self.assertEqual(_http("GET", "/health", port=fake.port)[0], 200)  # traffic to loopback only
+        self.assertEqual([r.getMessage() for r in logs.records],
+                         ["mixpanel_fake bound to '0.0.0.0': reachable beyond this machine"])
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "mixpanel_fake.py"), "--host", "0.0.0.0",
+                                 "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.addCleanup(proc.stderr.close)
+        self.addCleanup(proc.stdout.close)
+        self.addCleanup(proc.wait, 10)
+        self.addCleanup(proc.kill)
+        line = proc.stdout.readline()
+        self.assertRegex(line, r"^mixpanel_fake listening on http://127\.0\.0\.1:\d+\n$")  # a usable URL
+        self.assertEqual(proc.stderr.readline(), "mixpanel_fake: warning: bound to 0.0.0.0, reachable beyond "
+                                                 "this machine; it accepts any credentials\n")
+        self.assertEqual(_http("GET", "/health", port=int(line.rsplit(":", 1)[1]))[0], 200)
+
+    def test_strict_auth_wrong_or_missing_credentials_read_and_write_nothing(self):
+        fake = MixpanelFake(strict_auth=True, projects=[
+            Project("tokA", project_id=1, api_secret="secA"),
+            Project("tokB", project_id=2, api_secret="secB", service_accounts={"sa.b": "pw"})]).start()
+        self.addCleanup(fake.stop)
+        fake.set_time(T0)
+        _post_to(fake, "/track", [_event("A only", "tokA", distinct_id="a")])
+        _http("POST", "/engage", json.dumps({"$token": "tokA", "$distinct_id": "a", "$set": {"x": 1}}), port=fake.port)
+        fake.add_funnel("f", ["A only", "A only"], project="tokA")
+        fake.add_flag("flag-a", project="tokA")
+
+        def state():
+            snap = fake.snapshot()
+            for data in snap["states"].values():
+                data.pop("rejected")  # refusals are listed, by design
+            return snap, fake.faults()
+        before = state()
+        day = {"from_date": "2026-11-14", "to_date": "2026-11-14"}
+        reads = [("GET", "/api/2.0/export?" + _form(**day)), ("GET", "/api/2.0/segmentation?" + _form(event="A only", **day)),
+                 ("POST", "/api/2.0/engage"), ("GET", "/api/2.0/events/names?type=general"),
+                 ("GET", "/api/2.0/funnels/list")]
+        reads += [("GET", "/__parlel/" + name) for name in (
+            "events", "people", "groups", "rejected", "projects", "requests", "faults", "stats", "snapshot",
+            "flags", "recordings", "funnels", "cohorts", "insights", "assert?name=A%20only", "wait?timeout=0")]
+        writes = [("POST", "/import", json.dumps([_full("Forged", "tokA")])),
+                  ("POST", "/__parlel/reset", None), ("DELETE", "/__parlel/events", None),
+                  ("POST", "/__parlel/snapshot", json.dumps({"format": "mixpanel_fake/1", "projects": [], "states": {}})),
+                  ("POST", "/__parlel/faults", json.dumps({"path": "/track"})), ("DELETE", "/__parlel/faults", None),
+                  ("POST", "/__parlel/tracking-plan", json.dumps({"project": "tokA", "plan": None})),
+                  ("POST", "/__parlel/flags", json.dumps({"project": "tokA", "flags": []})),
+                  ("POST", "/__parlel/sdk-config", json.dumps({"project": "tokA", "config": {"x": 1}})),
+                  ("POST", "/__parlel/save", None),
+                  ("POST", "/__parlel/funnels", json.dumps({"name": "g", "steps": ["a", "b"], "project": "tokA"})),
+                  ("POST", "/__parlel/cohorts", json.dumps({"name": "c", "distinct_ids": ["a"], "project": "tokA"})),
+                  ("POST", "/__parlel/insights", json.dumps({"name": "i", "event": "A only", "project": "tokA"}))]
+        wrong = {"none": {}, "unknown secret": _basic("secX"), "token (public)": _basic("tokA"),
+                 "service account, wrong password": _basic("sa.b", "nope"),
+                 "another project's password form": _basic("secA", "x")}
+        for label, headers in wrong.items():
+            for method, path, *body in reads + writes:
+                if label.startswith("token") and not path.startswith("/__parlel/"):
+                    continue  # on ingestion and queries a token is a credential (README "Strict auth")
+                if "service account" in label:
+                    path += ("&" if "?" in path else "?") + "project_id=2"
+                with self.subTest(label=label, request=f"{method} {path}"):
+                    status, _, answer = _http(method, path, body[0] if body else None, headers, port=fake.port)
+                    self.assertEqual(status, 401, answer[:200])
+                    self.assertNotIn(b"A only", answer)
+                    self.assertNotIn(b"secA", answer)
+        # Records with tokens of no configured project: answered 1, stored nowhere.
+        for path, record in (("/track", _event("Forged", "nope")),
+                             ("/engage", {"$token": "nope", "$distinct_id": "z", "$set": {"x": 1}}),
+                             ("/groups", {"$token": "nope", "$group_key": "k", "$group_id": "g", "$set": {"x": 1}})):
+            for headers in wrong.values():
+                self.assertEqual(_http("POST", path, json.dumps(record), headers, port=fake.port)[::2], (200, b"1"))
+        self.assertEqual(state(), before)
+        self.assertEqual([p.token for p in fake.store.projects.values()], ["tokA", "tokB"])
+
+    def test_credentials_never_reach_the_journal_logs_or_pages(self):
+        fake = MixpanelFake(projects=[Project("tokS", project_id=7, api_secret="sekrit-api",
+                                              service_accounts={"sa.user": "sekrit-sa"})]).start()
+        self.addCleanup(fake.stop)
+        fake.set_time(T0)
+        answers = []
+        with self.assertLogs("mixpanel_fake", "DEBUG") as logs:
+            for method, path, body, headers in (
+                    ("POST", "/import?api_secret=sekrit-query", json.dumps([_full(token="tokS")]), _basic("sekrit-api")),
+                    ("POST", "/import?project_id=7", _form(data=json.dumps([_full(token="tokS")]), api_secret="sekrit-form"),
+                     _basic("sa.user", "sekrit-sa")),
+                    ("GET", "/api/2.0/segmentation?api_secret=sekrit-query&event=E&from_date=2026-11-14"
+                            "&to_date=2026-11-14&where=%28", None, _basic("sekrit-api")),  # an error echoes the request
+                    ("GET", "/api/2.0/export?from_date=2026-11-14&to_date=2026-11-14&project_id=7", None,
+                     _basic("sa.user", "sekrit-sa")),
+                    ("GET", "/api/2.0/export?from_date=2026-11-14", None, _basic("sa.user", "sekrit-sa")),
+                    ("POST", "/__parlel/faults?password=sekrit-query", json.dumps({"path": "/x"}), _basic("sekrit-api"))):
+                status, _, answer = _http(method, path, body, headers, port=fake.port)
+                answers.append(answer)
+            self.assertEqual(json.loads(answers[2])["request"], "/api/2.0/segmentation?api_secret=<redacted>&"
+                                                                "event=E&from_date=2026-11-14&to_date=2026-11-14&where=%28")
+            self.assertEqual(len(fake.events()), 2)
+            for path in ("/", "/__parlel/ui", "/__parlel/requests", "/__parlel/projects", "/__parlel/snapshot",
+                         "/__parlel/events", "/__parlel/faults"):
+                answers.append(_http("GET", path, port=fake.port)[2])
+        shown = b"\n".join(answers).decode("utf-8") + json.dumps(fake.requests()) + "\n".join(
+            record.getMessage() for record in logs.records)
+        self.assertIn("POST /import -> 200", shown)  # the DEBUG log was on
+        for secret in self.SECRETS + (base64.b64encode(b"sekrit-api:").decode(),
+                                      base64.b64encode(b"sa.user:sekrit-sa").decode()):
+            self.assertNotIn(secret, shown)
+
+    def test_cli_logs_and_event_lines_hold_no_credentials(self):
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "mixpanel_fake.py"), "--port", "0", "--verbose",
+                                 "--log-events", "--token", "tokS", "--api-secret", "sekrit-api"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.addCleanup(proc.kill)
+        port = int(proc.stdout.readline().rsplit(":", 1)[1])
+        self.assertEqual(_http("POST", "/import?api_secret=sekrit-query&verbose=1",
+                               _form(data=json.dumps([_full(token="tokS")]), api_secret="sekrit-form"),
+                               _basic("sekrit-api"), port=port)[0], 200)
+        _http("GET", "/api/2.0/export?from_date=2026-11-14&api_secret=sekrit-query", headers=_basic("sekrit-api"),
+              port=port)
+        proc.terminate()
+        out, err = proc.communicate(timeout=10)
+        self.assertEqual(json.loads(out.splitlines()[0])["accepted"], True)  # --log-events printed it
+        self.assertIn("POST /import -> 200", err)  # --verbose logged it
+        for secret in self.SECRETS + (base64.b64encode(b"sekrit-api:").decode(),):
+            self.assertNotIn(secret, out + err)
+
+    def test_the_page_shows_hostile_data_only_as_text(self):
+        # In Chromium, TestInspectionPage proves the rows render as text and
+        # nothing runs; here, what is served (without a browser).
+        with MixpanelFake() as fake:
+            fake.set_time(T0)
+            attack = '"><img src=x onerror=alert(1)>'
+            _post_to(fake, "/track", [_event("<script>alert(1)</script>", distinct_id=attack, **{attack: attack})])
+            _http("POST", "/engage", json.dumps({"$token": TOKEN, "$distinct_id": attack, "$set": {attack: attack}}),
+                  port=fake.port)
+            status, headers, page = _http("GET", "/__parlel/ui", port=fake.port)
+            self.assertEqual((status, headers["content-type"], headers["x-content-type-options"]),
+                             (200, "text/html; charset=utf-8", "nosniff"))
+            self.assertIn("default-src 'none'", headers["content-security-policy"])
+            text = page.decode("utf-8")
+            for bad in ("alert(", "onerror", "<img", "innerHTML", "outerHTML", "insertAdjacentHTML",
+                        "document.write", "eval(", "new Function", "srcdoc"):
+                self.assertNotIn(bad, text)
+            self.assertIn("td.textContent = cells[index]", text)  # rows reach the DOM as text
+            for path in ("/", "/__parlel/events", "/__parlel/people"):
+                status, headers, body = _http("GET", path, port=fake.port)
+                self.assertEqual((status, headers["content-type"]), (200, "application/json"))
+            self.assertNotIn(b"onerror", _http("GET", "/", port=fake.port)[2])
+
+
 # =============================================================================
 # The real SDKs, pinned (conformance/), over real sockets
 # =============================================================================
