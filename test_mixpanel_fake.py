@@ -3108,9 +3108,14 @@ class TestLimits(_ServerTestCase):
 
     def test_new_limits_are_checked(self):
         for bad in ({"idle_timeout": 0}, {"idle_timeout": float("inf")}, {"idle_timeout": "5"},
-                    {"max_connections": 0}, {"max_connections": 2.5}, {"max_connections": True}):
+                    {"max_connections": 0}, {"max_connections": 2.5}, {"max_connections": True},
+                    {"save_interval": 1}, {"save_interval": 0, "state_file": os.path.join(HERE, "unused.json")}):
             with self.subTest(bad), self.assertRaises(ValueError):
                 MixpanelFake(**bad)
+        result = subprocess.run([sys.executable, os.path.join(HERE, "mixpanel_fake.py"), "--port", "0",
+                                 "--save-interval", "1"], capture_output=True, text=True, timeout=30)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("--save-interval needs --state-file", result.stderr)
         result = subprocess.run([sys.executable, os.path.join(HERE, "mixpanel_fake.py"), "--port", "0",
                                  "--max-connections", "0"], capture_output=True, text=True, timeout=30)
         self.assertEqual(result.returncode, 2)
