@@ -30,6 +30,7 @@ import email.utils
 import functools
 import hashlib
 import ipaddress
+import io
 import itertools
 import random
 import json
@@ -138,8 +139,21 @@ _MAX_GZIP_MEMBERS = 64
 _MAX_HEADER_LINE = 65536
 _MAX_HEADERS = 100
 # Idle keep-alive connections are closed after this many seconds, so a stalled
-# client cannot pin a server thread for ever.
+# client cannot pin a server thread for ever; a request's head (request line
+# and headers) must also arrive whole within it (`idle_timeout`).
 _IDLE_TIMEOUT = 15.0
+# Connections served at once (`max_connections`), each on its own thread. Far
+# above what a test suite opens (a browser opens 6 per host, SDK pools about
+# 10), well below a default `ulimit -n` of 1024; past it a new connection gets
+# an immediate 503 from the accepting thread, with no handler thread for it.
+_MAX_CONNECTIONS = 256
+# A refused connection is read and dropped for up to this long before it is
+# closed, so the client reads the 503 instead of a reset; at most this many.
+_REFUSED_LINGER = 2.0
+_MAX_LINGERING = 256
+# stop() lets requests already being worked on finish for this long, then
+# closes every connection.
+_STOP_GRACE = 1.0
 
 # Times beyond this many seconds (or ms) from 1970 are not times at all.
 _MAX_TIME = 1e15
@@ -6275,6 +6289,44 @@ def _header_safe(value: str) -> str:
     return value.replace("\r", " ").replace("\n", " ")
 
 
+class _HeadReader(io.RawIOBase):
+    """The connection's reads.  Between requests each read waits up to the
+    idle timeout; from a request's first byte until its head is read, each
+    read waits only for what is left of one idle timeout, so a client that
+    dribbles its headers a byte at a time cannot hold the thread past it."""
+
+    def __init__(self, sock: socket.socket, idle: float):
+        super().__init__()
+        self.sock = sock
+        self.idle = idle
+        self.deadline: float | None = None  # time.monotonic() the head must be in by
+        self.arming = False                 # waiting for a request's first byte
+        self.shortened = False              # the socket's timeout is below `idle`
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("the request head took too long")
+            self.sock.settimeout(min(left, self.idle))
+            self.shortened = True
+        count = self.sock.recv_into(buffer)
+        if self.arming and count:
+            self.arming = False
+            self.deadline = time.monotonic() + self.idle
+        return count
+
+    def head_done(self) -> None:
+        self.arming = False
+        self.deadline = None
+        if self.shortened:
+            self.shortened = False
+            self.sock.settimeout(self.idle)
+
+
 class _Handler(BaseHTTPRequestHandler):
     """Reads a request, finds its row in `_ROUTES`, writes one response."""
 
@@ -6284,10 +6336,15 @@ class _Handler(BaseHTTPRequestHandler):
     # is off; the response also goes out in one write.
     disable_nagle_algorithm = True
     timeout = _IDLE_TIMEOUT
-    busy = False
+    busy = False     # between a request's first line and its answer
+    working = False  # its head and body are read: it is being answered
 
     def setup(self) -> None:
+        self.timeout = self.server.idle_timeout
         super().setup()
+        self.rfile.close()  # read through the head's deadline instead
+        self.reader = _HeadReader(self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self.reader)
         self.server.track_connection(self, True)
 
     def finish(self) -> None:
@@ -6298,35 +6355,61 @@ class _Handler(BaseHTTPRequestHandler):
 
     def handle_one_request(self) -> None:
         """As the stdlib's, with a request line of up to 4 MB (the Node SDK
-        puts whole payloads in GET query strings) and JSON errors."""
+        puts whole payloads in GET query strings) and JSON errors; the head
+        must arrive within one idle timeout of its first byte (else 408)."""
+        reader = self.reader
+        reader.arming = True
+        self.working = False
         try:
             line = self.rfile.readline(_MAX_REQUEST_LINE + 1)
             if line in (b"\r\n", b"\n"):
                 # RFC 9112 §2.2: ignore an empty line before a request line
                 # (a stray CRLF after a body, from some clients).
                 line = self.rfile.readline(_MAX_REQUEST_LINE + 1)
+        except socket.timeout:
+            self.close_connection = True
+            if reader.deadline is not None:  # a request had begun: say why it ends
+                self._head_error(408, "the client did not send its request head in time")
+            return
         except (OSError, ValueError):
             self.close_connection = True
             return
         if not line:
             self.close_connection = True
             return
+        if reader.deadline is None:  # the line was already buffered
+            reader.deadline = time.monotonic() + reader.idle
         self.busy = True
         try:
             self.raw_requestline = line
             if len(line) > _MAX_REQUEST_LINE:
-                self.requestline = ""
-                self.request_version = self.default_request_version
-                self.command = None
-                self.send_error(414, f"request line exceeds {_MAX_REQUEST_LINE} bytes")
+                self._head_error(414, f"request line exceeds {_MAX_REQUEST_LINE} bytes")
                 return
-            if not self.parse_request():
+            try:
+                parsed = self.parse_request()
+            except socket.timeout:
+                self.send_error(408, "the client did not send its request head in time")
                 return
+            except OSError:
+                self.close_connection = True
+                return
+            if not parsed:
+                return
+            reader.head_done()
             getattr(self, "do_" + self.command)()
             if self.server.closing:
                 self.close_connection = True
         finally:
+            reader.head_done()
             self.busy = False
+            self.working = False
+
+    def _head_error(self, code: int, message: str) -> None:
+        """An error before the request line was parsed."""
+        self.requestline = ""
+        self.request_version = self.default_request_version
+        self.command = None
+        self.send_error(code, message)
 
     def parse_request(self) -> bool:
         """As the stdlib's (same request-line rules and answers), with a
@@ -6491,6 +6574,7 @@ class _Handler(BaseHTTPRequestHandler):
             body = _gunzip(body, _MAX_BODY_BYTES)
         elif coding not in ("", "identity", "gzip", "x-gzip"):
             raise _plain_error(415, f"unsupported Content-Encoding: {_header_safe(coding)}")
+        self.working = True  # from here stop() lets it finish (see _Server.stop)
         return body
 
     def _discard(self, length: int) -> None:
@@ -6680,15 +6764,25 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], store: Store,
-                 tls: ssl.SSLContext | None = None):
+                 tls: ssl.SSLContext | None = None, idle_timeout: float = _IDLE_TIMEOUT,
+                 max_connections: int = _MAX_CONNECTIONS):
+        idle_timeout = _check_idle_timeout(idle_timeout)
+        max_connections = _check_max_connections(max_connections)
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
+        self._handlers_lock = threading.Lock()
+        self._threads_alive: set = set()  # handler threads (daemons: the stdlib keeps no list)
         super().__init__(address, _Handler)
         self.store = store
         self.tls = tls
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.connections = 0  # accepted, each with its handler thread, not yet closed
+        self.refused = 0      # connections refused past max_connections
+        self._lingering: dict = {}  # refused socket -> when it is closed
+        self._selector: selectors.BaseSelector | None = None
         self.closing = False
         self._handlers: set = set()
-        self._handlers_lock = threading.Lock()
         self._wake_r, self._wake_w = socket.socketpair()
         self._stopped = threading.Event()
         self._stopped.set()
@@ -6717,6 +6811,78 @@ class _Server(ThreadingHTTPServer):
             else:
                 self._handlers.discard(handler)
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """A thread per connection, up to max_connections; past it, a 503."""
+        with self._handlers_lock:
+            full = self.connections >= self.max_connections
+            if not full:
+                self.connections += 1
+        if full:
+            self._refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._connection_closed()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        with self._handlers_lock:
+            self._threads_alive.add(threading.current_thread())
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._connection_closed()
+
+    def _connection_closed(self) -> None:
+        with self._handlers_lock:
+            self.connections -= 1
+            self._threads_alive.discard(threading.current_thread())
+
+    def _refuse(self, connection: socket.socket) -> None:
+        """Answer 503 from the accepting thread, without reading the request
+        (over TLS, just close: a plain answer would be noise to the client).
+        The connection is then read and dropped by serve_forever's selector
+        for a moment, so the client reads the 503 rather than a reset."""
+        self.refused += 1
+        try:
+            connection.setblocking(False)
+            if self.tls is None:
+                body = _dumps({"code": 503, "error": f"too many connections: mixpanel_fake serves at "
+                                                     f"most {self.max_connections} at once",
+                               "status": "Service Unavailable"})
+                connection.send(b"HTTP/1.1 503 Service Unavailable\r\nServer: mixpanel_fake/"
+                                + __version__.encode() + b"\r\nContent-Type: application/json\r\n"
+                                b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+                                % len(body) + body)
+                connection.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        if self._selector is None or self.tls is not None or len(self._lingering) >= _MAX_LINGERING:
+            connection.close()
+            return
+        self._lingering[connection] = time.monotonic() + _REFUSED_LINGER
+        self._selector.register(connection, selectors.EVENT_READ, "refused")
+
+    def _drain_refused(self, connection: socket.socket) -> None:
+        try:
+            data = connection.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop_refused(connection)
+
+    def _drop_refused(self, connection: socket.socket) -> None:
+        self._lingering.pop(connection, None)
+        if self._selector is not None:
+            try:
+                self._selector.unregister(connection)
+            except (KeyError, ValueError):
+                pass
+        connection.close()
+
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         """Serve until stop(); a wake-up socket ends the wait at once."""
         self._stopped.clear()
@@ -6727,16 +6893,33 @@ class _Server(ThreadingHTTPServer):
                         return
                     selector.register(self, selectors.EVENT_READ)
                     selector.register(self._wake_r, selectors.EVENT_READ)
+                self._selector = selector
                 while not self.closing:
-                    for key, _ in selector.select():
+                    wait = None
+                    if self._lingering:
+                        wait = max(0.0, min(self._lingering.values()) - time.monotonic())
+                    for key, _ in selector.select(wait):
                         if key.fileobj is self._wake_r:
                             return
-                        self._handle_request_noblock()
+                        if key.data == "refused":
+                            self._drain_refused(key.fileobj)
+                        else:
+                            self._handle_request_noblock()
+                    now = time.monotonic()
+                    for connection, until in list(self._lingering.items()):
+                        if until <= now:
+                            self._drop_refused(connection)
         finally:
+            for connection in list(self._lingering):
+                self._drop_refused(connection)
+            self._selector = None
             self._stopped.set()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop serving, close idle connections, release the port."""
+        """Stop serving, release the port, and end every connection: idle
+        ones and ones still sending a request at once (a request read from
+        now on is answered 503 and stores nothing), ones being answered after
+        at most _STOP_GRACE; then wait for their threads (bounded)."""
         with self._handlers_lock:
             if self.closing:
                 return
@@ -6749,17 +6932,36 @@ class _Server(ThreadingHTTPServer):
         except OSError:
             pass
         self._stopped.wait(timeout)
-        with self._handlers_lock:
-            handlers = list(self._handlers)
-        for handler in handlers:
-            if not handler.busy:
-                try:
-                    handler.connection.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-        self.server_close()
+        grace = time.monotonic() + _STOP_GRACE
+        while True:
+            with self._handlers_lock:
+                handlers = list(self._handlers)
+            last = time.monotonic() >= grace
+            working = False
+            for handler in handlers:
+                if handler.working and not last:
+                    working = True
+                elif not getattr(handler, "shut", False):
+                    handler.shut = True
+                    try:
+                        handler.connection.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+            if not working:
+                break
+            time.sleep(0.01)
+        self.server_close(max(0.5, timeout - _STOP_GRACE))
         self._wake_r.close()
         self._wake_w.close()
+
+    def server_close(self, timeout: float = 5.0) -> None:
+        """Release the port; wait for the handler threads, but not for ever."""
+        socketserver.TCPServer.server_close(self)
+        deadline = time.monotonic() + timeout
+        with self._handlers_lock:
+            threads = list(self._threads_alive)
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that vanished mid-request is not an error worth a traceback.
@@ -6767,9 +6969,22 @@ class _Server(ThreadingHTTPServer):
 
 
 def _make_server(host: str, port: int, store: Store,
-                 tls: ssl.SSLContext | None = None) -> _Server:
+                 tls: ssl.SSLContext | None = None, idle_timeout: float = _IDLE_TIMEOUT,
+                 max_connections: int = _MAX_CONNECTIONS) -> _Server:
     """Bind in the caller's thread, so bind errors and the port are known now."""
-    return _Server((host, port), store, tls)
+    return _Server((host, port), store, tls, idle_timeout, max_connections)
+
+
+def _check_idle_timeout(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError("idle_timeout must be a number of seconds above 0")
+    return float(value)
+
+
+def _check_max_connections(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("max_connections must be a whole number, 1 or more")
+    return value
 
 
 _TLS_DIR: list[str] = []  # where the embedded certificate files were written, once
@@ -6896,6 +7111,35 @@ def _write_state(path: str, snapshot: dict) -> None:
         os.close(descriptor)
 
 
+def _check_save_interval(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError("save_interval must be a number of seconds above 0, or None")
+    return float(value)
+
+
+def _autosave(store: Store, path: str, interval: float) -> threading.Thread:
+    """Save the state file every `interval` seconds while it changes (each
+    save atomic), until the store stops; a SIGKILL then loses at most the
+    last interval."""
+    def run() -> None:
+        saved = store.version  # as loaded: the file has it already
+        while not store.stopping.wait(interval):
+            version = store.version
+            if version == saved:
+                continue
+            try:
+                _write_state(path, store.snapshot())
+            except (OSError, ValueError) as exc:
+                _log.warning("mixpanel_fake: saving the state file %s failed: %s", path, exc)
+                continue
+            saved = version
+    thread = threading.Thread(target=run, name="mixpanel-fake:autosave", daemon=True)
+    thread.start()
+    return thread
+
+
 # =============================================================================
 # MixpanelFake: the server on a background thread, and the Python API
 # =============================================================================
@@ -6913,7 +7157,15 @@ class MixpanelFake:
                  clock: Callable[[], float] | None = None, strict_auth: bool = False,
                  journal_size: int = _JOURNAL_SIZE, max_events: int | None = None,
                  rate_limits: dict | None = None, state_file: str | None = None,
-                 tls: bool = False, certfile: str | None = None, keyfile: str | None = None):
+                 tls: bool = False, certfile: str | None = None, keyfile: str | None = None,
+                 idle_timeout: float = _IDLE_TIMEOUT, max_connections: int = _MAX_CONNECTIONS,
+                 save_interval: float | None = None):
+        _check_idle_timeout(idle_timeout)
+        _check_max_connections(max_connections)
+        self.save_interval = _check_save_interval(save_interval)
+        if save_interval is not None and state_file is None:
+            raise ValueError("save_interval needs a state_file")
+        self._autosaver: threading.Thread | None = None
         self.store = Store(projects, clock, strict_auth, journal_size, max_events, rate_limits)
         self.state_file = state_file
         if state_file is not None:
@@ -6924,7 +7176,7 @@ class MixpanelFake:
         if tls or certfile is not None or keyfile is not None:
             context, self.ca_file = _tls_context(certfile, keyfile)
         self.tls = context is not None
-        self._server = _make_server(host, port, self.store, context)
+        self._server = _make_server(host, port, self.store, context, idle_timeout, max_connections)
         self.host = host
         self.port: int = self._server.server_address[1]
         if not _is_loopback(host):
@@ -6958,6 +7210,8 @@ class MixpanelFake:
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         name=f"mixpanel-fake:{self.port}", daemon=True)
         self._thread.start()
+        if self.save_interval is not None:
+            self._autosaver = _autosave(self.store, self.state_file, self.save_interval)
         return self
 
     def stop(self) -> None:
@@ -6967,6 +7221,8 @@ class MixpanelFake:
         self._server.stop()
         if self._thread is not None:
             self._thread.join(5)
+        if self._autosaver is not None:
+            self._autosaver.join(10)  # a save under way finishes first
         if first and self.state_file is not None:
             self.save()
 
@@ -7356,6 +7612,15 @@ def main(argv: list[str] | None = None) -> int:
                         help='feature flags for the --token project: a JSON list, or {"flags": [...]}')
     parser.add_argument("--plan-enforce", action="store_true",
                         help="refuse events that break the tracking plan")
+    parser.add_argument("--save-interval", type=float, metavar="SECONDS",
+                        help="with --state-file, also save every SECONDS while the state changes, "
+                             "so a kill loses at most that much (default: only on exit)")
+    parser.add_argument("--idle-timeout", type=float, default=_IDLE_TIMEOUT, metavar="SECONDS",
+                        help="close idle connections, and requests whose head has not arrived, "
+                             "after this long (default: %(default)s)")
+    parser.add_argument("--max-connections", type=int, default=_MAX_CONNECTIONS, metavar="N",
+                        help="serve at most N connections at once; more get a 503 "
+                             "(default: %(default)s)")
     args = parser.parse_args(argv)
     if args.api_secret and not args.token:
         parser.error("--api-secret needs --token (or MIXPANEL_TOKEN)")
@@ -7367,6 +7632,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--tracking-plan needs --token")
     if args.flags and not args.token:
         parser.error("--flags needs --token")
+    if args.save_interval is not None and not args.state_file:
+        parser.error("--save-interval needs --state-file")
+    try:
+        _check_idle_timeout(args.idle_timeout)
+        _check_max_connections(args.max_connections)
+        _check_save_interval(args.save_interval)
+    except ValueError as exc:
+        parser.error("--" + str(exc).replace("_", "-"))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s")
     try:
@@ -7405,7 +7678,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, ssl.SSLError) as exc:
         parser.error(f"TLS: {exc}")
     try:
-        server = _make_server(args.host, args.port, store, context)
+        server = _make_server(args.host, args.port, store, context, args.idle_timeout,
+                              args.max_connections)
     except OSError as exc:
         print(f"mixpanel_fake: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
@@ -7421,12 +7695,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mixpanel_fake: warning: bound to {args.host}, reachable beyond this machine; "
               "it accepts any credentials", file=sys.stderr, flush=True)
     signal.signal(signal.SIGTERM, _stop_on_signal)  # a clean exit saves the state file
+    autosaver = _autosave(store, args.state_file, args.save_interval) if args.save_interval else None
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.stop()
+        if autosaver is not None:
+            autosaver.join(10)
         if args.state_file:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut the save
             signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -10,25 +10,33 @@ or fail when MIXPANEL_FAKE_REQUIRE_SDKS=1.
 from __future__ import annotations
 
 import base64
+import collections
 import datetime
+import gc
 import gzip
 import http.client
 import json
 import logging
 import os
+import random
+import select
 import shutil
+import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import tracemalloc
 import unittest
 import urllib.error
 import urllib.parse
 import urllib.request
 import unittest.mock
+import zlib
 
 import mixpanel_fake
 from mixpanel_fake import MixpanelFake, Project, WaitTimeout
@@ -2189,11 +2197,11 @@ class TestOddInputs(_ServerTestCase):
         MP.check()
 
     def test_client_that_stalls_mid_body_gets_408(self):
-        self.addCleanup(setattr, mixpanel_fake._Handler, "timeout", mixpanel_fake._Handler.timeout)
-        mixpanel_fake._Handler.timeout = 0.3
-        reply = self.raw(b"POST /track HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\ndata=")
-        self.assertTrue(reply.startswith(b"HTTP/1.1 408 "), reply[:80])
-        MP.check()
+        with MixpanelFake(idle_timeout=0.3) as fake:
+            reply = _raw_request(b"POST /track HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\ndata=",
+                                 port=fake.port, whole_answer=True)
+            self.assertTrue(reply.startswith(b"HTTP/1.1 408 "), reply[:80])
+            self.assertEqual(fake.events(), [])
 
     def test_deeply_nested_record_is_refused_and_still_listable(self):
         deep = b'{"event":"e","properties":{"token":"t","x":' + b"[" * 985 + b"]" * 985 + b"}}"
@@ -3014,6 +3022,663 @@ class TestPublicApi(unittest.TestCase):
                   if not name.startswith("_") and getattr(value, "__module__", None) == "mixpanel_fake"}
         public.add("DEFAULT_PORT")
         self.assertEqual(sorted(mixpanel_fake.__all__), sorted(public))
+
+
+# =============================================================================
+# Hardening (issue #8): limits, load, shutdown, access
+# =============================================================================
+
+
+def _gzip_of_zeros(size_mb):
+    """A valid gzip member of `size_mb` MB of zeros, about 1 KB per MB, built
+    from one compressed MB: after a full flush each MB compresses to the same
+    bytes, so the stream is that block repeated (cheap for any size)."""
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    zeros = bytes(1 << 20)
+    first = deflate.compress(zeros) + deflate.flush(zlib.Z_FULL_FLUSH)
+    block = deflate.compress(zeros) + deflate.flush(zlib.Z_FULL_FLUSH)
+    assert deflate.compress(zeros) + deflate.flush(zlib.Z_FULL_FLUSH) == block
+    crc = 0
+    for _ in range(size_mb):
+        crc = zlib.crc32(zeros, crc)
+    return (b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff" + first + block * (size_mb - 1)
+            + deflate.flush() + struct.pack("<II", crc, (size_mb << 20) & 0xFFFFFFFF))
+
+
+def _read_until_closed(sock, timeout=10):
+    """Everything the server sends until it closes: (bytes, seconds taken)."""
+    started = time.monotonic()
+    sock.settimeout(timeout)
+    received = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return received, time.monotonic() - started
+        received += chunk
+
+
+def _wait_until(condition, timeout=10):
+    """Poll for a condition another thread makes true (ordering, not timing)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in %s s" % timeout)
+        time.sleep(0.01)
+
+
+def _split_answer(raw):
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    return lines[0], headers, body
+
+
+class TestLimits(_ServerTestCase):
+    """Each resource limit answers in JSON with the status HTTP prescribes.
+
+    Already tested elsewhere, not repeated here: the 413 for a Content-Length
+    over 10 MB without reading it, a 10 MB gzip bomb, and more than 64 gzip
+    members (TestTransport, TestOddInputs); a 1.5 MB request line accepted
+    and one over 4 MB answered 414 (TestTransport); 2000 records (TestValidation);
+    the body stalled mid-way (408, TestOddInputs); the journal's and
+    max_events' bounds (TestJournal, TestState); expression caps in the parser
+    (TestExpressions)."""
+
+    def test_gzip_bomb_of_1_gb_is_413_without_inflating_it(self):
+        bomb = _gzip_of_zeros(1024)
+        self.assertLess(len(bomb), 1_100_000)
+        self.assertEqual(zlib.decompressobj(31).decompress(bomb, 100), bytes(100))  # it is gzip
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        status, headers, body = _http("POST", "/import", bomb, {"Content-Encoding": "gzip",
+                                                                 "Content-Type": "application/json"})
+        peak = tracemalloc.get_traced_memory()[1]
+        self.assertEqual((status, json.loads(body)), (413, {
+            "code": 413, "error": "request exceeds max limit of 10485760 bytes",
+            "status": "Request Entity Too Large"}))
+        # The compressed body (1 MB) and at most the cap's 10 MB of output in
+        # the server thread; inflating the gigabyte would show as ~1 GB here.
+        self.assertLess(peak, 3 * mixpanel_fake._MAX_BODY_BYTES)
+        self.assertEqual(MP.events(), [])
+
+    def test_header_caps_are_431_json_and_the_connection_closes(self):
+        cases = {"Too many headers": b"".join(b"X-H%d: v\r\n" % i for i in range(101)),
+                 "Line too long": b"X-Long: " + b"a" * 65536 + b"\r\n"}
+        for message, headers in cases.items():
+            with self.subTest(message):
+                sock = socket.create_connection(("127.0.0.1", MP.port), timeout=10)
+                self.addCleanup(sock.close)
+                sock.sendall(b"POST /track HTTP/1.1\r\nHost: x\r\n" + headers
+                             + b"Content-Length: 2\r\n\r\n[]")
+                raw, _ = _read_until_closed(sock)  # the server closes it
+                status, head, body = _split_answer(raw)
+                self.assertEqual(status, "HTTP/1.1 431 Request Header Fields Too Large")
+                self.assertEqual((head["content-type"], head["connection"]), ("application/json", "close"))
+                self.assertEqual(json.loads(body), {"code": 431, "error": message,
+                                                    "status": "Request Header Fields Too Large"})
+        self.assertEqual(_http("GET", "/health")[0], 200)
+        MP.check()
+
+    def test_where_length_and_depth_caps_are_400_query_errors(self):
+        _post("/track", [_event("e")])
+        cases = {'properties["a"] == 1 or ' * 1000 + "true":
+                 "invalid where: expression longer than 20000 characters (at column 1)",
+                 "(" * 65 + "true" + ")" * 65: "invalid where: expression nested more than 64 deep (at column 65)"}
+        for where, message in cases.items():
+            with self.subTest(message):
+                query = urllib.parse.urlencode({"event": '["e"]', "from_date": "2026-11-14",
+                                                "to_date": "2026-11-14", "where": where})
+                status, _, body = _http("GET", "/api/2.0/segmentation?" + query, headers=_basic(TOKEN))
+                self.assertEqual((status, json.loads(body)), (400, {
+                    "request": "/api/2.0/segmentation?" + query, "error": message}))
+
+    def test_idle_and_slow_clients_are_cut_off_while_others_are_served(self):
+        idle = 0.5
+        with MixpanelFake(idle_timeout=idle) as fake:
+            # Connected, never sends a byte: closed after the idle timeout, no answer.
+            silent = socket.create_connection(("127.0.0.1", fake.port))
+            self.addCleanup(silent.close)
+            # Slowloris: a byte of the head every 0.1 s, each well within the
+            # idle timeout; the head's deadline still ends it.
+            slow = socket.create_connection(("127.0.0.1", fake.port))
+            self.addCleanup(slow.close)
+            head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"a" * 200
+            sent = 0
+            served = 0
+            started = time.monotonic()
+            while sent < len(head) and not select.select([slow], [], [], 0.1)[0]:
+                slow.sendall(head[sent:sent + 1])
+                sent += 1
+                if sent % 5 == 0:  # meanwhile, another client is served at once
+                    self.assertEqual(_http("GET", "/health", port=fake.port)[::2], (200, b'{"status":"ok"}'))
+                    served += 1
+            raw, _ = _read_until_closed(slow)
+            took = time.monotonic() - started
+            status, headers, body = _split_answer(raw)
+            self.assertEqual(status, "HTTP/1.1 408 Request Timeout")
+            self.assertEqual(headers["connection"], "close")
+            self.assertEqual(json.loads(body), {"code": 408, "status": "Request Timeout",
+                                                "error": "the client did not send its request head in time"})
+            self.assertLess(sent, len(head))  # cut off before the head was done
+            self.assertGreaterEqual(took, idle)
+            self.assertLess(took, idle + 2)  # generous; one byte per 0.1 s would take 22 s
+            self.assertGreater(served, 0)
+            self.assertEqual(_read_until_closed(silent)[0], b"")
+            _wait_until(lambda: fake._server.connections == 0)
+
+    def test_connections_past_the_cap_get_an_immediate_503(self):
+        with MixpanelFake(max_connections=2) as fake:
+            held = []
+            for _ in range(2):
+                conn = http.client.HTTPConnection("127.0.0.1", fake.port, timeout=10)
+                self.addCleanup(conn.close)
+                conn.request("GET", "/health")
+                self.assertEqual(conn.getresponse().read(), b'{"status":"ok"}')  # kept alive
+                held.append(conn)
+            threads = threading.active_count()
+            refused = socket.create_connection(("127.0.0.1", fake.port))
+            self.addCleanup(refused.close)
+            raw, _ = _read_until_closed(refused)  # without sending anything
+            status, headers, body = _split_answer(raw)
+            self.assertEqual(status, "HTTP/1.1 503 Service Unavailable")
+            self.assertEqual((headers["connection"], headers["retry-after"], headers["content-type"],
+                              headers["content-length"]), ("close", "1", "application/json", str(len(body))))
+            expected = {"code": 503, "error": "too many connections: mixpanel_fake serves at most 2 at once",
+                        "status": "Service Unavailable"}
+            self.assertEqual(json.loads(body), expected)
+            self.assertEqual(threading.active_count(), threads)  # no handler thread for it
+            # A client that sends its request at once reads the 503 too.
+            self.assertEqual(_http("POST", "/track", json.dumps(_event()), port=fake.port)[::2],
+                             (503, mixpanel_fake._dumps(expected)))
+            self.assertEqual((fake._server.refused, fake.events()), (2, []))
+            held.pop().close()
+            _wait_until(lambda: fake._server.connections == 1)
+            self.assertEqual(_http("GET", "/health", port=fake.port)[0], 200)
+            held[0].request("GET", "/health")
+            self.assertEqual(held[0].getresponse().status, 200)
+
+    def test_new_limits_are_checked(self):
+        for bad in ({"idle_timeout": 0}, {"idle_timeout": float("inf")}, {"idle_timeout": "5"},
+                    {"max_connections": 0}, {"max_connections": 2.5}, {"max_connections": True},
+                    {"save_interval": 1}, {"save_interval": 0, "state_file": os.path.join(HERE, "unused.json")}):
+            with self.subTest(bad), self.assertRaises(ValueError):
+                MixpanelFake(**bad)
+        result = subprocess.run([sys.executable, os.path.join(HERE, "mixpanel_fake.py"), "--port", "0",
+                                 "--save-interval", "1"], capture_output=True, text=True, timeout=30)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("--save-interval needs --state-file", result.stderr)
+        result = subprocess.run([sys.executable, os.path.join(HERE, "mixpanel_fake.py"), "--port", "0",
+                                 "--max-connections", "0"], capture_output=True, text=True, timeout=30)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("--max-connections must be a whole number, 1 or more", result.stderr)
+
+
+LOAD_REQUESTS = int(os.environ.get("MIXPANEL_FAKE_LOAD_REQUESTS") or 1000)
+
+
+class TestLoad(unittest.TestCase):
+    """32 keep-alive clients, mixed requests, one fake: nothing lost or doubled."""
+
+    THREADS = 32
+    DATA = ("load0", "load1", "load2", "load3")      # where the counted records go
+    OTHERS = ("other0", "other1", "other2", "other3")  # written to, and reset, meanwhile
+    DAY = "2026-11-14"
+
+    def run_client(self, fake, t, requests, book):
+        """`requests` requests from client `t`; each answer is checked at once."""
+        token = self.DATA[t % 4]
+        other = self.OTHERS[t % 4]
+        auth = _basic(token)
+        conn = http.client.HTTPConnection("127.0.0.1", fake.port, timeout=120)
+        sent = {"events": [], "profiles": 0, "groups": 0, "adds": 0, "load": 0, "last": None}
+        errors = []
+
+        def call(method, path, body=None, headers=None, expect=200, check=None):
+            if isinstance(body, str):
+                body = body.encode("utf-8")
+            conn.request(method, path, body=body, headers=headers or {})
+            resp = conn.getresponse()
+            raw = resp.read()
+            try:
+                ok = resp.status == expect and (check is None or check(raw))
+            except ValueError:
+                ok = False
+            if not ok:
+                errors.append((method, path[:60], resp.status, raw[:200]))
+
+        for i in range(requests):
+            kind = i % 20
+            marker = f"{t}-{i}"
+            if kind <= 5 or kind == 19:
+                call("POST", "/track", json.dumps(_event("Load", token, m=marker, t=t, distinct_id=f"d{t}")),
+                     check=lambda raw: raw == b"1")
+                sent["events"].append(marker)
+                sent["load"] += 1
+                sent["last"] = marker
+            elif kind == 6:
+                batch = [_event("Load", token, m=f"{marker}{c}", t=t, distinct_id=f"d{t}") for c in "abc"]
+                call("POST", "/track", _form(data=_b64(batch)),
+                     {"Content-Type": "application/x-www-form-urlencoded"}, check=lambda raw: raw == b"1")
+                sent["events"] += [f"{marker}{c}" for c in "abc"]
+                sent["load"] += 3
+            elif kind in (7, 8):
+                rows = [_event("Imported", token, m=f"{marker}{c}", t=t, time=T0 - 60, distinct_id=f"d{t}",
+                               **{"$insert_id": f"i-{marker}-{c}"}) for c in "xy"]
+                call("POST", "/import", json.dumps(rows), {"Content-Type": "application/json"},
+                     check=lambda raw: json.loads(raw) == {"code": 200, "num_records_imported": 2,
+                                                           "status": "OK"})
+                sent["events"] += [f"{marker}x", f"{marker}y"]
+            elif kind in (9, 10):
+                call("POST", "/engage", json.dumps([
+                    {"$token": token, "$distinct_id": f"p-{marker}", "$set": {"t": t, "m": marker}},
+                    {"$token": token, "$distinct_id": "shared", "$add": {"n": 1}}]), check=lambda raw: raw == b"1")
+                sent["profiles"] += 1
+                sent["adds"] += 1
+            elif kind in (11, 12):
+                call("POST", "/groups", json.dumps({"$token": token, "$group_key": "company",
+                                                    "$group_id": f"g-{marker}", "$set": {"t": t}}),
+                     check=lambda raw: raw == b"1")
+                sent["groups"] += 1
+            elif kind == 13:  # read what this client wrote: exactly one line
+                last = sent["last"]
+                query = urllib.parse.urlencode({"from_date": self.DAY, "to_date": self.DAY,
+                                                "where": f'properties["m"] == "{last}"'})
+                call("GET", "/api/2.0/export?" + query, headers=auth, check=lambda raw: [
+                    json.loads(line)["properties"]["m"] for line in raw.splitlines()] == [last])
+            elif kind == 14:
+                count = sent["load"]
+                query = urllib.parse.urlencode({"event": "Load", "from_date": self.DAY, "to_date": self.DAY,
+                                                "where": f'properties["t"] == {t}'})
+                call("GET", "/api/2.0/segmentation?" + query, headers=auth, check=lambda raw: json.loads(
+                    raw)["data"]["values"] == {"Load": {self.DAY: count}})
+            elif kind == 15:
+                count = sent["profiles"]
+                call("POST", "/api/2.0/engage", _form(where=f'properties["t"] == {t}'),
+                     dict(auth, **{"Content-Type": "application/x-www-form-urlencoded"}),
+                     check=lambda raw: json.loads(raw)["total"] == count)
+            elif kind in (16, 17):  # another project gets data...
+                call("POST", "/track", json.dumps(_event("Other", other, m=marker)), check=lambda raw: raw == b"1")
+            else:  # ...and is reset, while this one's stays
+                call("POST", "/__parlel/reset?project=" + other, check=lambda raw: json.loads(raw) == {"ok": True})
+        conn.close()
+        book[t] = (sent, errors)
+
+    def run_load(self, fake, threads, requests):
+        book = {}
+        clients = [threading.Thread(target=self.run_client, args=(fake, t, requests, book))
+                   for t in range(threads)]
+        for client in clients:
+            client.start()
+        for client in clients:
+            client.join()
+        return book
+
+    def settled_blocks(self, fake):
+        """After a reset: old state freed, the (bounded) expression cache emptied."""
+        fake.reset(empty=True)
+        mixpanel_fake._settle()
+        mixpanel_fake._compile_expression.cache_clear()
+        gc.collect()
+        return sys.getallocatedblocks()
+
+    def test_32_clients_mixed_requests_nothing_lost(self):
+        threads, requests = self.THREADS, LOAD_REQUESTS
+        fake = MixpanelFake(journal_size=32)
+        fake.start()
+        self.addCleanup(fake.stop)
+        fake.set_time(T0)
+        self.run_load(fake, 4, 100)  # warm-up: code paths, caches, a full journal
+        blocks = self.settled_blocks(fake)
+
+        started = time.monotonic()
+        book = self.run_load(fake, threads, requests)
+        took = time.monotonic() - started
+
+        errors = [error for _, (_, errs) in sorted(book.items()) for error in errs]
+        self.assertLess(took, 300)  # generous: about 40 s on a 2-core machine
+        self.assertEqual(errors[:10], [])
+        lost = doubled = 0
+        for p, token in enumerate(self.DATA):
+            mine = [sent for t, (sent, _) in book.items() if t % 4 == p]
+            expected = collections.Counter(m for sent in mine for m in sent["events"])
+            stored = collections.Counter(e["properties"]["m"] for e in fake.events(project=token))
+            lost += sum((expected - stored).values())
+            doubled += sum((stored - expected).values())
+            self.assertEqual(stored, expected, token)
+            self.assertEqual(sum(stored.values()), sum(len(sent["events"]) for sent in mine))
+            profiles = fake.profiles(project=token)
+            self.assertEqual(len(profiles), sum(sent["profiles"] for sent in mine) + 1)
+            self.assertEqual(profiles["shared"]["n"], sum(sent["adds"] for sent in mine))
+            self.assertEqual(len(fake.groups(project=token)), sum(sent["groups"] for sent in mine))
+        self.assertEqual(fake.stats()["events"], sum(len(fake.events(project=p)) for p in self.DATA)
+                         + sum(len(fake.events(project=p)) for p in self.OTHERS))
+        del book, expected, stored, profiles, mine
+        fake.check()
+        # Python objects alive after reset, against before the load (cheap,
+        # so it covers the whole load; a leak of one object a request shows).
+        block_growth = self.settled_blocks(fake) - blocks
+
+        # Bytes, with tracemalloc: tracing triples the cost of every request,
+        # so it watches a further round of 32 x 100 rather than the big one.
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        self.settled_blocks(fake)
+        baseline = tracemalloc.get_traced_memory()[0]
+        self.run_load(fake, threads, 100)
+        self.settled_blocks(fake)
+        growth = tracemalloc.get_traced_memory()[0] - baseline
+        tracemalloc.stop()
+        total = threads * requests
+        print(f"load: {threads} threads x {requests} requests = {total} in {took:.1f} s "
+              f"({total / took:.0f} req/s): {len(errors)} errors, {lost} records lost, {doubled} duplicated; "
+              f"tracemalloc after reset {growth / 1024:+.0f} KB of baseline "
+              f"(32 x 100 traced); {block_growth:+d} allocated blocks after the big round",
+              file=sys.stderr, flush=True)
+        # Slack: the 32-entry journal now holds entries made in the round
+        # (those they replaced are older than the baseline), and allocator noise.
+        self.assertLess(growth, 512 * 1024)  # the journal: about 32 x 5 KB
+        self.assertLess(block_growth, 5_000)
+
+
+def _new_threads(before):
+    """Threads alive now that were not before, but the process-wide reaper."""
+    return [t for t in threading.enumerate() if t not in before and t.name != "mixpanel-fake:free"]
+
+
+class TestShutdown(unittest.TestCase):
+    """stop() and kills: prompt, nothing left running, nothing half-stored."""
+
+    def test_stop_with_requests_in_flight_is_prompt_and_leaves_no_thread(self):
+        before = set(threading.enumerate())
+        fake = MixpanelFake().start()
+        fake.set_time(T0)
+        port = fake.port
+        # A slow upload, mid-body.
+        upload = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.addCleanup(upload.close)
+        body = _form(data=json.dumps(_event("Half")))
+        upload.sendall(b"POST /track HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                       % (len(body), body[:10].encode()))
+        # A half-sent head.
+        head = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.addCleanup(head.close)
+        head.sendall(b"POST /track HTTP/1.1\r\nHost: x\r\nContent-Le")
+        # A request held by a delay fault.
+        fake.add_fault("/engage", status=None, delay=60)
+        held = []
+
+        def delayed():
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            try:
+                conn.request("POST", "/engage", json.dumps({"$token": TOKEN, "$distinct_id": "u", "$set": {"a": 1}}))
+                held.append(conn.getresponse().status)
+            except (OSError, http.client.HTTPException) as exc:
+                held.append(type(exc).__name__)
+            finally:
+                conn.close()
+        client = threading.Thread(target=delayed)
+        client.start()
+        _wait_until(lambda: fake.faults() == [])  # taken: the request is in its delay
+        # Idle keep-alive connections.
+        idle = []
+        for _ in range(3):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            self.addCleanup(conn.close)
+            conn.request("GET", "/health")
+            self.assertEqual(conn.getresponse().read(), b'{"status":"ok"}')
+            idle.append(conn)
+        _wait_until(lambda: fake._server.connections == 6)
+
+        started = time.monotonic()
+        fake.stop()
+        took = time.monotonic() - started
+        client.join(10)
+        left = _new_threads(before)
+        print(f"shutdown: stop() with a slow upload, a half-sent head, a delayed request and 3 idle "
+              f"keep-alives in flight returned in {took * 1000:.0f} ms; {len(left)} threads left",
+              file=sys.stderr, flush=True)
+        self.assertLess(took, 2.0)
+        self.assertEqual(left, [])
+        for sock in (upload, head):
+            self.assertEqual(_read_until_closed(sock)[0], b"")  # closed, nothing half-answered
+        self.assertEqual(held, ["RemoteDisconnected"])
+        self.assertEqual((fake.events(), fake.profiles()), ([], {}))  # nothing half-stored
+        with self.assertRaises(OSError):
+            _http("GET", "/health", port=port, timeout=1)
+
+    def test_sigkill_mid_traffic_leaves_the_last_saved_state_loadable(self):
+        rng = random.Random(8)
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "state.json")
+        kept = []   # the events the state file holds: markers 0..n-1 in order
+        sent = 0    # events sent so far (the highest marker + 1)
+        lost = 0    # sent after a round's last save, so killed with it
+
+        def saved():
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    data = json.load(handle)
+            except FileNotFoundError:
+                return None
+            return [e["properties"]["m"] for e in data["states"]["kt"]["events"]]
+
+        rounds = 4
+        for round_ in range(rounds + 1):
+            proc = subprocess.Popen([sys.executable, os.path.join(HERE, "mixpanel_fake.py"), "--port", "0",
+                                     "--token", "kt", "--state-file", path, "--save-interval", "0.05"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            self.addCleanup(proc.stderr.close)
+            self.addCleanup(proc.stdout.close)
+            self.addCleanup(proc.kill)
+            port = int(proc.stdout.readline().rsplit(":", 1)[1])
+            # The restart serves what the file held, and cleared a killed save's leftovers.
+            status, _, body = _http("GET", "/__parlel/events?project=kt", port=port)
+            self.assertEqual([e["properties"]["m"] for e in json.loads(body)["events"]], kept)
+            self.assertEqual(sorted(os.listdir(directory)), ["state.json"] if kept else [])
+            if round_ == rounds:
+                proc.terminate()
+                proc.wait(10)
+                break
+            stop = threading.Event()
+            first = sent
+            counter = [sent]
+
+            def traffic():
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                try:
+                    while not stop.is_set():
+                        m = counter[0]
+                        counter[0] += 1  # counted before it is sent: it may land unanswered
+                        conn.request("POST", "/track", json.dumps(_event("K", "kt", m=m)))
+                        conn.getresponse().read()
+                except (OSError, http.client.HTTPException):
+                    pass  # killed
+                finally:
+                    conn.close()
+            client = threading.Thread(target=traffic)
+            client.start()
+            _wait_until(lambda: len(saved() or ()) > len(kept))  # a save during this round
+            time.sleep(rng.uniform(0.0, 0.3))  # then a kill at a random moment, traffic flowing
+            proc.kill()
+            proc.wait(10)
+            stop.set()
+            client.join(10)
+            sent = counter[0]
+            mixpanel_fake._read_state(path)  # parses and checks as a load does
+            now = saved()
+            # What the file had, then a prefix of this round's events: no gap,
+            # no copy; what came after the last save died with the process.
+            self.assertEqual(now[:len(kept)], kept)
+            self.assertEqual(now[len(kept):], list(range(first, first + len(now) - len(kept))))
+            self.assertGreater(len(now), len(kept))
+            self.assertLessEqual(now[-1], sent - 1)
+            lost += sent - now[-1] - 1
+            kept = now
+        with MixpanelFake(state_file=path) as fake:  # and the Python API loads it too
+            self.assertEqual([e["properties"]["m"] for e in fake.events(project="kt")], kept)
+        print(f"state file: {rounds} SIGKILLs mid-traffic (seed 8, autosave every 0.05 s): the file loaded "
+              f"after each and the restart served it; {len(kept)} of {sent} events kept, in order, "
+              f"0 duplicated; {lost} sent after a round's last save died with it",
+              file=sys.stderr, flush=True)
+
+
+class TestAccess(unittest.TestCase):
+    """Who can reach the fake, read it and write it; credentials never shown."""
+
+    SECRETS = ("sekrit-api", "sekrit-sa", "sekrit-query", "sekrit-form")
+
+    def test_binds_loopback_unless_told_and_warns_when_wider(self):
+        with MixpanelFake() as fake:
+            self.assertEqual(fake._server.server_address[0], "127.0.0.1")
+        with self.assertLogs("mixpanel_fake", "WARNING") as logs:
+            fake = MixpanelFake(host="0.0.0.0")
+        with fake:
+            self.assertEqual(_http("GET", "/health", port=fake.port)[0], 200)  # traffic to loopback only
+        self.assertEqual([r.getMessage() for r in logs.records],
+                         ["mixpanel_fake bound to '0.0.0.0': reachable beyond this machine"])
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "mixpanel_fake.py"), "--host", "0.0.0.0",
+                                 "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.addCleanup(proc.stderr.close)
+        self.addCleanup(proc.stdout.close)
+        self.addCleanup(proc.wait, 10)
+        self.addCleanup(proc.kill)
+        line = proc.stdout.readline()
+        self.assertRegex(line, r"^mixpanel_fake listening on http://127\.0\.0\.1:\d+\n$")  # a usable URL
+        self.assertEqual(proc.stderr.readline(), "mixpanel_fake: warning: bound to 0.0.0.0, reachable beyond "
+                                                 "this machine; it accepts any credentials\n")
+        self.assertEqual(_http("GET", "/health", port=int(line.rsplit(":", 1)[1]))[0], 200)
+
+    def test_strict_auth_wrong_or_missing_credentials_read_and_write_nothing(self):
+        fake = MixpanelFake(strict_auth=True, projects=[
+            Project("tokA", project_id=1, api_secret="secA"),
+            Project("tokB", project_id=2, api_secret="secB", service_accounts={"sa.b": "pw"})]).start()
+        self.addCleanup(fake.stop)
+        fake.set_time(T0)
+        _post_to(fake, "/track", [_event("A only", "tokA", distinct_id="a")])
+        _http("POST", "/engage", json.dumps({"$token": "tokA", "$distinct_id": "a", "$set": {"x": 1}}), port=fake.port)
+        fake.add_funnel("f", ["A only", "A only"], project="tokA")
+        fake.add_flag("flag-a", project="tokA")
+
+        def state():
+            snap = fake.snapshot()
+            for data in snap["states"].values():
+                data.pop("rejected")  # refusals are listed, by design
+            return snap, fake.faults()
+        before = state()
+        day = {"from_date": "2026-11-14", "to_date": "2026-11-14"}
+        reads = [("GET", "/api/2.0/export?" + _form(**day)), ("GET", "/api/2.0/segmentation?" + _form(event="A only", **day)),
+                 ("POST", "/api/2.0/engage"), ("GET", "/api/2.0/events/names?type=general"),
+                 ("GET", "/api/2.0/funnels/list")]
+        reads += [("GET", "/__parlel/" + name) for name in (
+            "events", "people", "groups", "rejected", "projects", "requests", "faults", "stats", "snapshot",
+            "flags", "recordings", "funnels", "cohorts", "insights", "assert?name=A%20only", "wait?timeout=0")]
+        writes = [("POST", "/import", json.dumps([_full("Forged", "tokA")])),
+                  ("POST", "/__parlel/reset", None), ("DELETE", "/__parlel/events", None),
+                  ("POST", "/__parlel/snapshot", json.dumps({"format": "mixpanel_fake/1", "projects": [], "states": {}})),
+                  ("POST", "/__parlel/faults", json.dumps({"path": "/track"})), ("DELETE", "/__parlel/faults", None),
+                  ("POST", "/__parlel/tracking-plan", json.dumps({"project": "tokA", "plan": None})),
+                  ("POST", "/__parlel/flags", json.dumps({"project": "tokA", "flags": []})),
+                  ("POST", "/__parlel/sdk-config", json.dumps({"project": "tokA", "config": {"x": 1}})),
+                  ("POST", "/__parlel/save", None),
+                  ("POST", "/__parlel/funnels", json.dumps({"name": "g", "steps": ["a", "b"], "project": "tokA"})),
+                  ("POST", "/__parlel/cohorts", json.dumps({"name": "c", "distinct_ids": ["a"], "project": "tokA"})),
+                  ("POST", "/__parlel/insights", json.dumps({"name": "i", "event": "A only", "project": "tokA"}))]
+        wrong = {"none": {}, "unknown secret": _basic("secX"), "token (public)": _basic("tokA"),
+                 "service account, wrong password": _basic("sa.b", "nope"),
+                 "another project's password form": _basic("secA", "x")}
+        for label, headers in wrong.items():
+            for method, path, *body in reads + writes:
+                if label.startswith("token") and not path.startswith("/__parlel/"):
+                    continue  # on ingestion and queries a token is a credential (README "Strict auth")
+                if "service account" in label:
+                    path += ("&" if "?" in path else "?") + "project_id=2"
+                with self.subTest(label=label, request=f"{method} {path}"):
+                    status, _, answer = _http(method, path, body[0] if body else None, headers, port=fake.port)
+                    self.assertEqual(status, 401, answer[:200])
+                    self.assertNotIn(b"A only", answer)
+                    self.assertNotIn(b"secA", answer)
+        # Records with tokens of no configured project: answered 1, stored nowhere.
+        for path, record in (("/track", _event("Forged", "nope")),
+                             ("/engage", {"$token": "nope", "$distinct_id": "z", "$set": {"x": 1}}),
+                             ("/groups", {"$token": "nope", "$group_key": "k", "$group_id": "g", "$set": {"x": 1}})):
+            for headers in wrong.values():
+                self.assertEqual(_http("POST", path, json.dumps(record), headers, port=fake.port)[::2], (200, b"1"))
+        self.assertEqual(state(), before)
+        self.assertEqual([p.token for p in fake.store.projects.values()], ["tokA", "tokB"])
+
+    def test_credentials_never_reach_the_journal_logs_or_pages(self):
+        fake = MixpanelFake(projects=[Project("tokS", project_id=7, api_secret="sekrit-api",
+                                              service_accounts={"sa.user": "sekrit-sa"})]).start()
+        self.addCleanup(fake.stop)
+        fake.set_time(T0)
+        answers = []
+        with self.assertLogs("mixpanel_fake", "DEBUG") as logs:
+            for method, path, body, headers in (
+                    ("POST", "/import?api_secret=sekrit-query", json.dumps([_full(token="tokS")]), _basic("sekrit-api")),
+                    ("POST", "/import?project_id=7", _form(data=json.dumps([_full(token="tokS")]), api_secret="sekrit-form"),
+                     _basic("sa.user", "sekrit-sa")),
+                    ("GET", "/api/2.0/segmentation?api_secret=sekrit-query&event=E&from_date=2026-11-14"
+                            "&to_date=2026-11-14&where=%28", None, _basic("sekrit-api")),  # an error echoes the request
+                    ("GET", "/api/2.0/export?from_date=2026-11-14&to_date=2026-11-14&project_id=7", None,
+                     _basic("sa.user", "sekrit-sa")),
+                    ("GET", "/api/2.0/export?from_date=2026-11-14", None, _basic("sa.user", "sekrit-sa")),
+                    ("POST", "/__parlel/faults?password=sekrit-query", json.dumps({"path": "/x"}), _basic("sekrit-api"))):
+                status, _, answer = _http(method, path, body, headers, port=fake.port)
+                answers.append(answer)
+            self.assertEqual(json.loads(answers[2])["request"], "/api/2.0/segmentation?api_secret=<redacted>&"
+                                                                "event=E&from_date=2026-11-14&to_date=2026-11-14&where=%28")
+            self.assertEqual(len(fake.events()), 2)
+            for path in ("/", "/__parlel/ui", "/__parlel/requests", "/__parlel/projects", "/__parlel/snapshot",
+                         "/__parlel/events", "/__parlel/faults"):
+                answers.append(_http("GET", path, port=fake.port)[2])
+        shown = b"\n".join(answers).decode("utf-8") + json.dumps(fake.requests()) + "\n".join(
+            record.getMessage() for record in logs.records)
+        self.assertIn("POST /import -> 200", shown)  # the DEBUG log was on
+        for secret in self.SECRETS + (base64.b64encode(b"sekrit-api:").decode(),
+                                      base64.b64encode(b"sa.user:sekrit-sa").decode()):
+            self.assertNotIn(secret, shown)
+
+    def test_cli_logs_and_event_lines_hold_no_credentials(self):
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "mixpanel_fake.py"), "--port", "0", "--verbose",
+                                 "--log-events", "--token", "tokS", "--api-secret", "sekrit-api"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.addCleanup(proc.kill)
+        port = int(proc.stdout.readline().rsplit(":", 1)[1])
+        self.assertEqual(_http("POST", "/import?api_secret=sekrit-query&verbose=1",
+                               _form(data=json.dumps([_full(token="tokS")]), api_secret="sekrit-form"),
+                               _basic("sekrit-api"), port=port)[0], 200)
+        _http("GET", "/api/2.0/export?from_date=2026-11-14&api_secret=sekrit-query", headers=_basic("sekrit-api"),
+              port=port)
+        proc.terminate()
+        out, err = proc.communicate(timeout=10)
+        self.assertEqual(json.loads(out.splitlines()[0])["accepted"], True)  # --log-events printed it
+        self.assertIn("POST /import -> 200", err)  # --verbose logged it
+        for secret in self.SECRETS + (base64.b64encode(b"sekrit-api:").decode(),):
+            self.assertNotIn(secret, out + err)
+
+    def test_the_page_shows_hostile_data_only_as_text(self):
+        # In Chromium, TestInspectionPage proves the rows render as text and
+        # nothing runs; here, what is served (without a browser).
+        with MixpanelFake() as fake:
+            fake.set_time(T0)
+            attack = '"><img src=x onerror=alert(1)>'
+            _post_to(fake, "/track", [_event("<script>alert(1)</script>", distinct_id=attack, **{attack: attack})])
+            _http("POST", "/engage", json.dumps({"$token": TOKEN, "$distinct_id": attack, "$set": {attack: attack}}),
+                  port=fake.port)
+            status, headers, page = _http("GET", "/__parlel/ui", port=fake.port)
+            self.assertEqual((status, headers["content-type"], headers["x-content-type-options"]),
+                             (200, "text/html; charset=utf-8", "nosniff"))
+            self.assertIn("default-src 'none'", headers["content-security-policy"])
+            text = page.decode("utf-8")
+            for bad in ("alert(", "onerror", "<img", "innerHTML", "outerHTML", "insertAdjacentHTML",
+                        "document.write", "eval(", "new Function", "srcdoc"):
+                self.assertNotIn(bad, text)
+            self.assertIn("td.textContent = cells[index]", text)  # rows reach the DOM as text
+            for path in ("/", "/__parlel/events", "/__parlel/people"):
+                status, headers, body = _http("GET", path, port=fake.port)
+                self.assertEqual((status, headers["content-type"]), (200, "application/json"))
+            self.assertNotIn(b"onerror", _http("GET", "/", port=fake.port)[2])
 
 
 # =============================================================================
