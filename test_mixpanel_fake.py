@@ -2109,16 +2109,8 @@ class TestTransport(_ServerTestCase):
             self.assertIn(b"Connection: close", head)
             self.assertEqual(json.loads(body)["code"], 400, line)
 
-    def test_header_caps_are_431_json(self):
-        cases = {b"X-Big: " + b"a" * 70000 + b"\r\n": "a header line exceeds 65536 bytes",
-                 b"".join(b"X-%d: 1\r\n" % i for i in range(101)): "more than 100 header lines"}
-        for headers, message in cases.items():
-            reply = _raw_request(b"GET /health HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n")
-            head, _, body = reply.partition(b"\r\n\r\n")
-            self.assertTrue(head.startswith(b"HTTP/1.1 431 "), reply[:80])
-            self.assertEqual(json.loads(body), {"code": 431, "error": message,
-                                                "status": "Request Header Fields Too Large"})
-        # 100 headers are still fine, as for the stdlib.
+    def test_a_hundred_headers_are_still_fine(self):
+        # The caps are the stdlib's: 100 header lines pass (TestLimits has the 431s).
         reply = _raw_request(b"GET /health HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(99))
                              + b"Connection: close\r\n\r\n")
         self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply[:80])
@@ -3102,8 +3094,8 @@ class TestLimits(_ServerTestCase):
         self.assertEqual(MP.events(), [])
 
     def test_header_caps_are_431_json_and_the_connection_closes(self):
-        cases = {"Too many headers": b"".join(b"X-H%d: v\r\n" % i for i in range(101)),
-                 "Line too long": b"X-Long: " + b"a" * 65536 + b"\r\n"}
+        cases = {"more than 100 header lines": b"".join(b"X-H%d: v\r\n" % i for i in range(101)),
+                 "a header line exceeds 65536 bytes": b"X-Long: " + b"a" * 65536 + b"\r\n"}
         for message, headers in cases.items():
             with self.subTest(message):
                 sock = socket.create_connection(("127.0.0.1", MP.port), timeout=10)
