@@ -169,6 +169,7 @@ _MS_THRESHOLD = 1e11
 _PEOPLE_OPS = ("$set", "$set_once", "$add", "$append", "$union", "$remove", "$unset", "$delete")
 _GROUP_OPS = ("$set", "$set_once", "$union", "$remove", "$unset", "$delete")
 _PEOPLE_OP_SET = frozenset(_PEOPLE_OPS)
+_OP_PREFIXES = {op: op + "." for op in _PEOPLE_OPS}  # field names in refusals: `$set.name`
 _GROUP_OP_SET = frozenset(_GROUP_OPS)
 # Operators that create the profile when it does not exist yet.
 _CREATING_OPS = frozenset(("$set", "$set_once", "$add", "$append", "$union"))
@@ -1322,7 +1323,7 @@ def _apply_ops(table: dict, key: Any, ops: list[tuple[str, Any]],
     """
     old = table.get(key)
     props = None if old is None else dict(old)
-    touched = False
+    touched = listy = False
     for op, value in ops:
         if op == "$delete":
             props = None
@@ -1336,16 +1337,18 @@ def _apply_ops(table: dict, key: Any, ops: list[tuple[str, Any]],
             props.update(value)  # `_op_set`, inlined: most updates are one $set
         else:
             _PROFILE_OPS[op](props, value)
+            listy = listy or op == "$append" or op == "$union"
         touched = True
     if props is None:
         table.pop(key, None)
         return None
     if touched and last_seen is not None:
         props["$last_seen"] = last_seen
-    count = len(props) - ("$last_seen" in props)  # Mixpanel's own stamp is not counted
-    if count > _MAX_PROFILE_PROPERTIES and len(props) > len(old or ()):
-        return f"profile would have {count} properties; the limit is {_MAX_PROFILE_PROPERTIES}"
-    for op, value in ops:
+    if len(props) > _MAX_PROFILE_PROPERTIES:
+        count = len(props) - ("$last_seen" in props)  # Mixpanel's own stamp is not counted
+        if count > _MAX_PROFILE_PROPERTIES and len(props) > len(old or ()):
+            return f"profile would have {count} properties; the limit is {_MAX_PROFILE_PROPERTIES}"
+    for op, value in ops if listy else ():
         if op in ("$append", "$union"):
             for name in value:
                 if isinstance(props.get(name), list) and \
@@ -3097,7 +3100,7 @@ def _check_op(op: str, value: Any, prefix: str) -> Any:
                 raise _Reject(f"$union.{name}", prefix + f"$union value for {name!r} must be a non-empty list")
     # Profile strings and names are cut at 255 like event ones; list and
     # object values may hold 256KB (D-types), nested without a depth limit.
-    return _check_properties(value, op + ".", _PROFILE_LIMITS)
+    return _check_properties(value, _OP_PREFIXES.get(op) or op + ".", _PROFILE_LIMITS)
 
 
 def _rejection(endpoint: str, token: str | None, index: int | None, record: Any,
