@@ -3082,6 +3082,8 @@ def _flag(value: Any) -> bool:
 def _check_op(op: str, value: Any, prefix: str) -> Any:
     """Refuse an operator whose value has the wrong shape (OAS schemas);
     return the value with long strings truncated (D-profiles)."""
+    if (op == "$set" or op == "$set_once") and type(value) is dict:
+        return _check_properties(value, _OP_PREFIXES[op], _PROFILE_LIMITS)  # the usual update
     if op == "$delete":
         return value
     if op == "$unset":
