@@ -3166,9 +3166,11 @@ def _check_callback(req: _Request) -> None:
         raise ApiError(400, {"status": 0, "error": "callback, invalid function name"})
 
 
-def _refuse_request(store: Store, req: _Request, endpoint: str, message: str) -> None:
+def _refuse_request(store: Store, req: _Request, endpoint: str, message: str,
+                    token: str | None = None) -> None:
     """Keep a whole refused request in the refusals, so a test can see it:
-    index None, and the payload as text (cut at 2000 characters)."""
+    index None, and the payload as text (cut at 2000 characters).  It is
+    filed under ``token``, else the project the credentials name."""
     data = req.param("data") if not req.is_json else None
     if data is None:
         text = req.body.decode("utf-8", "replace")
@@ -3176,7 +3178,7 @@ def _refuse_request(store: Store, req: _Request, endpoint: str, message: str) ->
     else:
         payload = data
     reject = _Reject("data", message)
-    store.add_events([], [_rejection(endpoint, _credential_token(store, req), None,
+    store.add_events([], [_rejection(endpoint, token or _credential_token(store, req), None,
                                      payload[:2000], reject, store.now())])
 
 
@@ -3202,7 +3204,7 @@ def _ingest_events(store: Store, req: _Request, endpoint: str) -> _Response:
     if len(records) > _MAX_BATCH:
         # R-track/R-import: 2000 events per request; the 413 page lists
         # "too many events per batch" among its causes.
-        _refuse_request(store, req, endpoint, _too_many(len(records)))
+        _refuse_request(store, req, endpoint, _too_many(len(records)), _record_token(records[0], "events"))
         if json_answer:
             return _import_failure(413, _too_many(len(records)))
         return _ingest_answer(req, False, _too_many(len(records)), status=413)
@@ -3215,11 +3217,11 @@ def _ingest_events(store: Store, req: _Request, endpoint: str) -> _Response:
         _refuse_request(store, req, endpoint, "Invalid credentials")
         return _import_failure(401, "Invalid credentials")
     req.records = records
-    limited = _rate_limited(store, batch.fallback or _record_token(records[0] if records else None, "events"),
-                            "events", len(records))
+    project = batch.fallback or _record_token(records[0] if records else None, "events")
+    limited = _rate_limited(store, project, "events", len(records))
     if limited is not None:
         message = "Project exceeded rate limits. Please retry the request with exponential backoff."
-        _refuse_request(store, req, endpoint, f"rate limit: {message}")
+        _refuse_request(store, req, endpoint, f"rate limit: {message}", project)
         answer = _import_failure(429, message) if json_answer else _ingest_answer(req, False, message, 429)
         answer.headers["Retry-After"] = limited
         return answer
@@ -3331,7 +3333,7 @@ def _ingest_profiles(store: Store, req: _Request, kind: str, endpoint: str) -> _
         _refuse_request(store, req, endpoint, str(exc))
         return _ingest_answer(req, False, str(exc))
     if len(records) > _MAX_BATCH:
-        _refuse_request(store, req, endpoint, _too_many(len(records)))
+        _refuse_request(store, req, endpoint, _too_many(len(records)), _record_token(records[0], kind))
         return _ingest_answer(req, False, _too_many(len(records)), status=413)
     fallback = _credential_token(store, req)
     sized = len(req.body) + len(req.raw.get("data") or "") >= _MAX_EVENT_BYTES

@@ -2609,6 +2609,11 @@ class TestRateLimits(unittest.TestCase):
             self.assertEqual((status, json.loads(body)["error"]), (429, "Project exceeded rate limits. Please retry "
                                                                         "the request with exponential backoff."))
             self.assertGreaterEqual(int(headers["retry-after"]), 1)
+            # The refused request is filed under its project, as the limit was counted.
+            refused = fake.rejected(project="rl")
+            self.assertEqual([(r["index"], r["reason"]) for r in refused],
+                             [(None, "rate limit: Project exceeded rate limits. Please retry the request "
+                                     "with exponential backoff.")])
             query = "/api/2.0/events/names?type=general"
             for _ in range(2):
                 self.assertEqual(_http("GET", query, headers=_basic("rl"), port=fake.port)[0], 200)
