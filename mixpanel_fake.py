@@ -1556,8 +1556,9 @@ def _read_headers(rfile: Any) -> _Headers:
     if end != -1:
         block = buffered[:end + 2] if end >= 0 else b""
         lines = block.split(b"\r\n")[:-1] if block else []
-        if (len(lines) <= _MAX_HEADERS and b"\n" not in block.replace(b"\r\n", b"")
-                and all(len(line) < _MAX_HEADER_LINE - 1 for line in lines)):
+        bare = block.replace(b"\r\n", b"")
+        if (len(lines) <= _MAX_HEADERS and b"\n" not in bare and b"\r" not in bare
+                and b"\0" not in bare and all(len(line) < _MAX_HEADER_LINE - 1 for line in lines)):
             items = []
             for line in lines:
                 text = line.decode("iso-8859-1")
@@ -1568,31 +1569,35 @@ def _read_headers(rfile: Any) -> _Headers:
             else:
                 rfile.read(end + 4 if end >= 0 else 2)
                 return _Headers(items)
-    items = []
-    while True:
+    parts: list[tuple[str, list[str]]] = []  # a name and its value's (folded) pieces
+    for count in range(_MAX_HEADERS + 1):
         line = rfile.readline(_MAX_HEADER_LINE + 1)
         if len(line) > _MAX_HEADER_LINE:
             raise _HeaderError(431, f"a header line exceeds {_MAX_HEADER_LINE} bytes")
         if line in (b"\r\n", b"\n", b""):
             break
-        if len(items) >= _MAX_HEADERS:
+        if count == _MAX_HEADERS:  # folded lines count too, as for the stdlib
             raise _HeaderError(431, f"more than {_MAX_HEADERS} header lines")
-        text = line.decode("iso-8859-1").rstrip("\r\n")
+        text = line.decode("iso-8859-1")
+        text = text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+        if "\r" in text or "\0" in text:
+            # RFC 9112 §2.2, RFC 9110 §5.5: a bare CR (or a NUL) makes the
+            # message invalid; read on, it could hide a header from us.
+            raise _HeaderError(400, "a header line holds a bare CR or a NUL")
         if text[:1] in (" ", "\t"):
             # Obsolete line folding: RFC 9112 §5.2 lets a server replace it
             # with a space; the first line cannot be a continuation.
-            if not items:
+            if not parts:
                 raise _HeaderError(400, "a header block cannot begin with a continuation line")
-            name, value = items[-1]
-            items[-1] = (name, (value + " " + text.strip(" \t")).strip(" \t"))
+            parts[-1][1].append(text.strip(" \t"))
             continue
         name, colon, value = text.partition(":")
         if not colon or not _FIELD_NAME_RE.fullmatch(name):
             raise _HeaderError(400, f"malformed header line: {text[:60]!r}")
         if len(_KNOWN_NAMES) < 10000:
             _KNOWN_NAMES.add(name)
-        items.append((name, value.strip(" \t")))
-    return _Headers(items)
+        parts.append((name, [value.strip(" \t")]))
+    return _Headers([(name, " ".join(p for p in pieces if p)) for name, pieces in parts])
 
 
 _UNKNOWN = object()  # not worked out yet
@@ -6507,6 +6512,7 @@ class _Handler(BaseHTTPRequestHandler):
             echoed = path + ("?" + _redacted_query(query) if query else "")
             response = _json(400, {"request": echoed, "error": f"invalid expression: {exc}"})
         except Exception as exc:  # a bug in the fake: answer, record, re-raise in check()
+            self.close_connection = True  # where the next request starts is not known
             store.record_error(exc)
             _log.exception("mixpanel_fake internal error on %s %s", self.command, path)
             response = _json(500, {"error": f"mixpanel_fake internal error: "
@@ -6545,21 +6551,30 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _read_body(self) -> bytes:
         """The body per Content-Length or chunked framing, inflated if gzip."""
-        codings = [c.strip().lower() for value in self.headers.get_all("Transfer-Encoding") or []
-                   for c in value.split(",") if c.strip()]
-        lengths = self.headers.get_all("Content-Length") or []
+        # RFC 9110 §5.6.3: the optional whitespace around values is SP and HTAB only.
+        codings = [c.strip(" \t").lower() for value in self.headers.get_all("Transfer-Encoding") or []
+                   for c in value.split(",") if c.strip(" \t")]
+        lengths = [v.strip(" \t") for v in self.headers.get_all("Content-Length") or []]
         if codings:
-            # RFC 9112 §6.1: chunked must be the last coding; nothing else here.
+            if self.request_version == "HTTP/1.0":
+                # RFC 9112 §6.1: Transfer-Encoding in a 1.0 message is faulty framing.
+                self.close_connection = True
+                raise _plain_error(400, "Transfer-Encoding in an HTTP/1.0 request")
+            # RFC 9112 §6.1: chunked must be the last coding, and only once;
+            # nothing else is served here.
             if codings[-1] != "chunked" or any(c not in ("chunked", "identity") for c in codings):
                 self.close_connection = True
                 raise _plain_error(501, "unsupported Transfer-Encoding: "
                                         + _header_safe(", ".join(codings)))
+            if codings.count("chunked") > 1:
+                self.close_connection = True
+                raise _plain_error(400, "chunked applied more than once")
             if lengths:
                 self.close_connection = True
                 raise _plain_error(400, "both Content-Length and chunked Transfer-Encoding")
             body = self._read_chunked()
         elif lengths:
-            if len({v.strip() for v in lengths}) > 1 or not _DIGITS_RE.match(lengths[0].strip()):
+            if len(set(lengths)) > 1 or not _DIGITS_RE.fullmatch(lengths[0]):
                 self.close_connection = True
                 raise _plain_error(400, "invalid Content-Length")
             length = int(lengths[0])
@@ -6576,7 +6591,7 @@ class _Handler(BaseHTTPRequestHandler):
                 raise _plain_error(400, "body shorter than Content-Length")
         else:
             body = b""
-        coding = (self.headers.get("Content-Encoding") or "").strip().lower()
+        coding = (self.headers.get("Content-Encoding") or "").strip(" \t").lower()
         if coding in ("gzip", "x-gzip") and body:
             body = _gunzip(body, _MAX_BODY_BYTES)
         elif coding not in ("", "identity", "gzip", "x-gzip"):
@@ -6592,19 +6607,27 @@ class _Handler(BaseHTTPRequestHandler):
             length -= len(chunk)
 
     def _read_chunked(self) -> bytes:
+        """RFC 9112 §7.1, strictly: a size line (extensions allowed) ending
+        in a line end, the data, a line end; trailers within the header caps."""
         chunks = []
         total = 0
         while True:
-            line = self.rfile.readline(1024)
-            size_text = line.split(b";", 1)[0].strip()
-            if not _HEX_RE.match(size_text):
+            line = self.rfile.readline(_MAX_HEADER_LINE + 1)
+            size_text = line.split(b";", 1)[0].strip(b" \t\r\n")
+            if not line.endswith(b"\n") or not _HEX_RE.match(size_text):
                 self.close_connection = True
-                raise _plain_error(400, "malformed chunked body")
+                raise _plain_error(400, "malformed chunked body: bad chunk size line")
             size = int(size_text, 16)
             if size == 0:
-                while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
-                    pass
-                return b"".join(chunks)
+                for _ in range(_MAX_HEADERS + 1):
+                    trailer = self.rfile.readline(_MAX_HEADER_LINE + 1)
+                    if trailer in (b"\r\n", b"\n"):
+                        return b"".join(chunks)
+                    if not trailer.endswith(b"\n"):
+                        self.close_connection = True
+                        raise _plain_error(400, "malformed chunked body: unterminated trailer")
+                self.close_connection = True
+                raise _plain_error(431, f"more than {_MAX_HEADERS} trailer lines")
             total += size
             if total > _MAX_BODY_BYTES:
                 self.close_connection = True
@@ -6614,7 +6637,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 raise _plain_error(400, "truncated chunked body")
             chunks.append(data)
-            self.rfile.readline(1024)
+            if self.rfile.readline(3) not in (b"\r\n", b"\n"):
+                self.close_connection = True
+                raise _plain_error(400, "malformed chunked body: chunk data longer than its size")
 
     def _preflight(self, path: str) -> _Response:
         """CORS preflight: 204, echoing what the browser asks to send."""

@@ -2136,6 +2136,43 @@ class TestTransport(_ServerTestCase):
         self.assertEqual(MP.requests(path="/track")[-1]["headers"]["Content-Type"], "application/json")
         self.assertEqual([e["event"] for e in self.stored()], ["Pieces"])
 
+    def test_framing_the_stdlib_would_read_differently_is_refused(self):
+        # Each of these could make a server and a proxy see different
+        # requests (RFC 9112 2.2, 6.1, 7.1; RFC 9110 5.5, 5.6.3): 400, closed,
+        # and the body never runs as a request.
+        inner = b"GET /track?data=e30 HTTP/1.1\r\n\r\n"
+        chunk = b"2\r\n{}GARBAGE\r\n0\r\n\r\n"
+        cases = {
+            b"X-Note: a\rContent-Length: %d\r\n\r\n" % len(inner) + inner:
+                "a header line holds a bare CR or a NUL",
+            b"X-Note: a\0b\r\nContent-Length: 0\r\n\r\n": "a header line holds a bare CR or a NUL",
+            b"Content-Length: \x1c2\r\n\r\n{}": "invalid Content-Length",
+            b"Content-Length: 2\xa0\r\n\r\n{}": "invalid Content-Length",
+            b"Transfer-Encoding: \x0bchunked\r\n\r\n0\r\n\r\n": "unsupported Transfer-Encoding: \x0bchunked",
+            b"Transfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n": "chunked applied more than once",
+            b"Transfer-Encoding: chunked\r\n\r\n" + chunk:
+                "malformed chunked body: chunk data longer than its size",
+            b"Transfer-Encoding: chunked\r\n\r\n2;" + b"x" * 70000 + b"\r\n{}\r\n0\r\n\r\n":
+                "malformed chunked body: bad chunk size line",
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n" + b"X-T: 1\r\n" * 101 + b"\r\n":
+                "more than 100 trailer lines",
+        }
+        for rest, message in cases.items():
+            reply = _raw_request(b"POST /track HTTP/1.1\r\nHost: x\r\n" + rest)
+            head, _, body = reply.partition(b"\r\n\r\n")
+            self.assertIn(b"Connection: close", head, rest[:60])
+            self.assertEqual(reply.count(b"HTTP/1.1 "), 1, reply)  # nothing after it ran
+            self.assertEqual(json.loads(body)["error"], message, rest[:60])
+        reply = _raw_request(b"POST /track HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+        self.assertEqual(json.loads(reply.partition(b"\r\n\r\n")[2])["error"],
+                         "Transfer-Encoding in an HTTP/1.0 request")
+        self.assertEqual(self.stored(), [])
+
+    def test_folded_lines_count_toward_the_header_cap(self):
+        reply = _raw_request(b"GET /health HTTP/1.1\r\nX-A: a\r\n" + b" x\r\n" * 100 + b"\r\n")
+        self.assertTrue(reply.startswith(b"HTTP/1.1 431 "), reply[:80])
+        self.assertEqual(json.loads(reply.partition(b"\r\n\r\n")[2])["error"], "more than 100 header lines")
+
     def test_expect_100_continue(self):
         sock = socket.create_connection(("127.0.0.1", MP.port), timeout=5)
         self.addCleanup(sock.close)
