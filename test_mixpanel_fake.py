@@ -2384,7 +2384,28 @@ class TestFuzz(unittest.TestCase):
         }
         for name in rng.sample(sorted(pool), rng.randrange(1, 5)):
             params[name] = rng.choice(pool[name])
+        if rng.random() < 0.3:
+            params[rng.choice(("where", "on", "selector", "born_where"))] = self.expression(rng)
         return params
+
+    def expression(self, rng):
+        """Token soup for the expression language (where=, on=): mostly well
+        formed, with numbers at a double's edges and every function."""
+        atoms = ('properties["p0"]', 'properties["fuzz_seq"]', 'properties["p1"]', "1e308", "-1e308", "0", "-0",
+                 "0.5", "9" * 400, '"x"', "'y'", '"\\u"', "true", "false", "null", "undefined", 'user["a"]',
+                 "event", 'properties["p2"]["k"]', 'properties["l"][0]', '"2026-11-14"', 'datetime(1e400)',
+                 "datetime(-1e308)", 'datetime("x")', "number(\"9e999\")", "string(1e308 * 10)",
+                 "floor(-1e308)", 'round(0.5)', "ceil(1e308)", 'defined(properties["zz"])', "boolean(0)")
+        ops = (" + ", " - ", " * ", " / ", " % ", " == ", " != ", " < ", " >= ", " and ", " or ", " in ")
+        parts = []
+        for _ in range(rng.randrange(1, 6)):
+            atom = rng.choice(atoms)
+            if rng.random() < 0.2:
+                atom = rng.choice(("not ", "-", "(", "string(", "number(", "any(x, ", "[")) + atom + rng.choice((
+                    "", ")", "]", ", x > 1)", ", 1)"))
+            parts.append(atom)
+            parts.append(rng.choice(ops))
+        return "".join(parts[:-1]) if rng.random() < 0.8 else "".join(parts)
 
     def inspection_params(self, rng, path):
         pool = {"project": (self.TOKEN, "nope"), "event": ("Fuzzed",), "distinct_id": ("fuzz-u-1", "7"),
@@ -2530,7 +2551,7 @@ class TestFuzz(unittest.TestCase):
             payload = json.loads(json.dumps(payload))
             node = payload
             for _ in range(rng.randrange(4)):
-                children = list(node.values()) if isinstance(node, dict) else list(node)
+                children = list(node.values()) if isinstance(node, dict) else node if isinstance(node, list) else []
                 children = [c for c in children if isinstance(c, (dict, list)) and c]
                 if not children:
                     break
@@ -2544,9 +2565,9 @@ class TestFuzz(unittest.TestCase):
                     node.pop(key, None)
                 else:
                     node[key] = value
-            elif node:
+            elif isinstance(node, list) and node:
                 node[rng.randrange(len(node))] = value
-            elif how == 3:
+            elif how == 3 or not isinstance(node, list):
                 payload = value
             if rng.random() < 0.1 and how != 3:
                 payload = self.rand_value(rng, True)  # the wrong type at the top
@@ -2790,9 +2811,9 @@ class TestFuzz(unittest.TestCase):
             elif query:
                 name = rng.choice(sorted(query))
                 value = query[name]
-                if value[:1] in ("[", "{"):
+                try:
                     value = self.mutate_payload(rng, json.loads(value)).decode("latin-1")
-                else:
+                except ValueError:
                     value = rng.choice((rng.choice(self.RAW_JSON), json.dumps(self.rand_value(rng, True))))
                 query[name] = value
         if level >= 0.3 and (not mutated or rng.random() < 0.3):
