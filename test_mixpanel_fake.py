@@ -2910,14 +2910,17 @@ class TestFuzz(unittest.TestCase):
         """Stored events, and refusals marked dropped (`$ignore`: answered as
         accepted) since the last call, on the main fake."""
         store = self.fake.store
-        dropped = 0
+        dropped = refused = 0
         with store.lock:
             events = sum(len(state.events) for state in store.states.values())
             for token, state in store.states.items():
                 seen = self.rejected_seen.get(token, 0)
                 dropped += sum(1 for row in state.rejected[seen:] if row["dropped"])
+                refused += len(state.rejected) - seen
                 self.rejected_seen[token] = len(state.rejected)
-        return events, dropped
+            last = store.journal[-1] if store.journal_seq == self.journal_seen + 1 else None
+            self.journal_seen = store.journal_seq
+        return events, dropped, refused, last  # last: this case's journal entry, if it made one
 
     @staticmethod
     def accepted(status, headers, body):
@@ -2972,7 +2975,7 @@ class TestFuzz(unittest.TestCase):
         if case["admin"]:
             self.admin.clear_faults()  # an injected fault must not hit the next case
         else:
-            events, dropped = self.counts()
+            events, dropped, refused, last = self.counts()
             landed = events - self.events_seen + dropped
             added = events - self.events_seen
             self.events_seen = events
@@ -2982,6 +2985,11 @@ class TestFuzz(unittest.TestCase):
             ingests = case["sent"][1] in ("/track", "/import") and case["sent"][0] in ("GET", "POST")
             if not ingests and added:
                 problems.append(f"{added} events stored by a request to {case['sent']}")
+            elif ingests and last is not None and isinstance(last["records"], list) and (
+                    added + refused != len(last["records"])):
+                # Every record decoded is either stored or kept among the refusals.
+                problems.append(f"of {len(last['records'])} records decoded, {added} were stored and "
+                                f"{refused} refused")
             elif ingests and not any(kind == "unknown" for kind, _ in verdicts):
                 if some == 0 and landed != exact:
                     problems.append(f"the answer says {exact} records were accepted; {landed} landed")
@@ -3011,6 +3019,7 @@ class TestFuzz(unittest.TestCase):
                 f"  sent {case['sent']}: {case['data'][:300]!r} ({len(case['data'])} bytes)\n  answers: {shown}")
 
     def check_health(self):
+        self.journal_seen += 1  # the main fake journals its /health
         for fake, name in ((self.fake, "main"), (self.admin, "admin")):
             found = []
             case = {"data": b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", "safe": True, "drop_ok": False, "head": False}
@@ -3061,6 +3070,7 @@ class TestFuzz(unittest.TestCase):
         self.remembered_profiles = []
         self.rejected_seen = {}
         self.errors_seen = {False: 0, True: 0}
+        self.journal_seen = 0
         self.events_seen = self.counts()[0]
         covered = set()
         started = time.monotonic()
