@@ -3871,6 +3871,7 @@ _UNITS = ("minute", "hour", "day", "week", "month")
 # Guards against answers too big to be useful (a minute series over years).
 _MAX_BUCKETS = 50000
 _MAX_CELLS = 2_000_000  # segments x buckets
+_MAX_FUNNEL_CELLS = 100_000  # funnel step objects (dates x segments x steps), ~150 bytes each
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
@@ -4851,6 +4852,11 @@ def _funnels(store: Store, req: _Request) -> _Response:
     first, last = q.date_range()
     days = q.integer("interval", 0, low=0)
     buckets = _Buckets(unit, q.tz, first, days if days > 1 else 0)
+    dates = buckets.series(first, last)
+    too_big = q.error(400, f"the answer would hold more than {_MAX_FUNNEL_CELLS} funnel steps (dates x segments "
+                           "x steps): shorten the range, or use fewer steps or a lower limit")
+    if len(dates) * len(funnel["steps"]) > _MAX_FUNNEL_CELLS:
+        raise too_big
     start, end = q.bounds(first, last)
     where = q.expression("where")
     on = q.expression("on")
@@ -4870,7 +4876,7 @@ def _funnels(store: Store, req: _Request) -> _Response:
     for person, events in by_person.items():
         scope = _Scope(user=q.state.profiles.get(person))
         _walk_funnel(events, names, step_filters, start, end, window, buckets, on, results, scope)
-    dates = buckets.series(first, last)
+    cells = 0
     data = {}
     for label in dates:
         segments = results.get(label, {})
@@ -4880,6 +4886,9 @@ def _funnels(store: Store, req: _Request) -> _Response:
         else:
             ranked = sorted((k for k in segments if k != "$overall"),
                             key=lambda k: (-len(segments[k][0]), k))[:limit]
+            cells += (1 + len(ranked)) * len(funnel["steps"])
+            if cells > _MAX_FUNNEL_CELLS:
+                raise too_big
             entry = {"$overall": overall}
             for key in ranked:
                 entry[key] = _funnel_steps(segments[key], funnel["steps"])
@@ -5785,9 +5794,12 @@ def _parlel_wait(store: Store, req: _Request) -> _Response:
     name, wanted, project, count = _expectation(store, req)
     count = 1 if count is None else count
     try:
-        timeout = min(max(float(req.param("timeout") or 5), 0.0), 60.0)
+        timeout = float(req.param("timeout") or 5)
+        if math.isnan(timeout):  # NaN passes every clamp below: it would wait for ever
+            raise ValueError(timeout)
     except ValueError:
         raise ApiError(400, {"error": "timeout must be a number of seconds"}) from None
+    timeout = min(max(timeout, 0.0), 60.0)
     found = _wait_events(store, count, timeout,
                          lambda: _stored_events(store, name, None, project, wanted or None))
     if len(found) >= count:

@@ -2346,6 +2346,925 @@ class TestOddInputs(_ServerTestCase):
 # =============================================================================
 
 
+def _fuzz_read_reply(reader, head):
+    """One HTTP response from a buffered socket reader, framing checked:
+    (status, {lower-case name: [values]}, body) or a ValueError saying what
+    is malformed; None when the connection closed before any byte."""
+    line = reader.readline(65537)
+    if not line:
+        return None
+    while True:
+        if not line.endswith(b"\r\n"):
+            raise ValueError(f"status line not ended by CRLF: {line[:100]!r}")
+        version, _, rest = line[:-2].partition(b" ")
+        code, _, _phrase = rest.partition(b" ")
+        if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(code) != 3 or not code.isdigit():
+            raise ValueError(f"malformed status line {line[:100]!r}")
+        status = int(code)
+        headers: dict = {}
+        for _ in range(200):
+            header = reader.readline(65537)
+            if header == b"\r\n":
+                break
+            name, colon, value = header.partition(b":")
+            if not header.endswith(b"\r\n") or not colon or not name or name != name.strip():
+                raise ValueError(f"malformed header line {header[:100]!r}")
+            headers.setdefault(name.decode("latin-1").lower(), []).append(value.strip().decode("latin-1"))
+        else:
+            raise ValueError("more than 200 header lines")
+        if 100 <= status < 200:  # an interim answer (100 Continue): the real one follows
+            line = reader.readline(65537)
+            continue
+        break
+    lengths = headers.get("content-length", [])
+    chunked = "chunked" in ",".join(headers.get("transfer-encoding", [])).lower()
+    if len(lengths) > 1 or (lengths and not lengths[0].isdigit()) or (lengths and chunked):
+        raise ValueError(f"bad framing headers {headers}")
+    if head or status in (204, 304):
+        return status, headers, b""
+    if chunked:
+        parts = []
+        while True:
+            size_line = reader.readline(1024)
+            if not size_line.endswith(b"\r\n"):
+                raise ValueError(f"malformed chunk size line {size_line[:60]!r}")
+            size = int(size_line[:-2].split(b";")[0], 16)
+            if size == 0:
+                if reader.readline(1024) != b"\r\n":
+                    raise ValueError("chunked answer without its final CRLF")
+                break
+            data = reader.read(size)
+            if len(data) != size or reader.read(2) != b"\r\n":
+                raise ValueError("truncated chunk")
+            parts.append(data)
+        body = b"".join(parts)
+    elif lengths:
+        length = int(lengths[0])
+        body = reader.read(length)
+        if len(body) != length:
+            raise ValueError(f"body of {len(body)} bytes for Content-Length {length}")
+    elif "close" in ",".join(headers.get("connection", [])).lower():
+        body = reader.read()  # delimited by the close (HTTP/1.0 streaming)
+    else:
+        raise ValueError("a body neither Content-Length nor chunked framed, on a kept connection")
+    if "gzip" in ",".join(headers.get("content-encoding", [])):
+        body = gzip.decompress(body)
+    if (headers.get("content-type") or [""])[0].startswith("application/json") and body:
+        json.loads(body)  # a JSON answer is JSON
+    return status, headers, body
+
+
+class TestFuzz(unittest.TestCase):
+    """Issue 8, fuzzing: a seeded, bounded generator of mutated requests for
+    every route in `_ROUTES`, sent over raw sockets.  After every case: a
+    well-formed answer (framing read and checked), no 5xx, no internal error,
+    no dropped connection unless nothing was asked, and exact event
+    accounting; every few cases /health; at the end every record the fuzzer's
+    own valid requests got accepted is stored once, exactly as sent.
+
+    MIXPANEL_FAKE_FUZZ_CASES (default 10000) and MIXPANEL_FAKE_FUZZ_SEED
+    (default 8) choose the run; the long one is e.g. 200000 cases.
+    """
+
+    TOKEN = "fuzz-tok"
+    SECRET = "fuzz-secret"
+    PROJECT_ID = 808
+    HEALTH_EVERY = 100
+    # State-wide writes (a reset, a restore, faults, a tracking plan) go to
+    # a second fake, so the first one's records are only ever added to.
+    ADMIN = frozenset((mixpanel_fake._parlel_reset, mixpanel_fake._parlel_clear_events,
+                       mixpanel_fake._parlel_snapshot, mixpanel_fake._parlel_add_fault,
+                       mixpanel_fake._parlel_clear_faults, mixpanel_fake._parlel_save,
+                       mixpanel_fake._parlel_tracking_plan))
+    GOOD_VALUES = ("x", "", "café ☃ 𝄞", "a\u2028b", 'q"\\/', "+/=&%?#;", 0, -7, 2 ** 53, 1.5, -0.25,
+                   True, False, None, [1, "a", None], {"k": "v", "n": [1, 2]}, ["é", {"d": 2}])
+    WEIRD_VALUES = (None, True, False, 0, -1, 1.5, 1e308, -1e308, 2 ** 64 + 1, "", " ", "x" * 300,
+                    "y" * 3000, [], {}, [None], {"": ""}, [[[[[1]]]]], {"a": {"b": {"c": {"d": 1}}}},
+                    "null", "undefined", "0", "-1", "\u0000", "\ufeff", "\ud800", "a\udfffb", "$device:",
+                    list(range(300)), {str(i): i for i in range(300)}, "1e400", "true", "[]", "{}",
+                    "00000000-0000-0000-0000-000000000000", "\x7f\x1b[31m", "../../etc/passwd",
+                    "<script>", "%00", "\r\nX-Injected: 1")
+    # JSON text spliced in where a value goes (what a JSON encoder never writes).
+    RAW_JSON = ("1e400", "-1e400", "9" * 5000, "-" + "9" * 4400, "1e-400", "-0", "NaN", "Infinity",
+                "-Infinity", '"\\ud800"', '"\\udfff\\ud800x"', '"\\u0000"', '"\\uZZZZ"', "[" * 3000 + "]" * 3000,
+                '{"a":' * 1200 + "1" + "}" * 1200, "[" * 200, "tru", "nul", '"unterminated', "01", "+1",
+                ".5", "0x10", "1_000", "'single'", '{"a":1,}', "[1,]", "[,1]", '{"a" 1}', "\x00", '"\t"',
+                "18446744073709551617", "1" + "0" * 400, "1E+308", "4.9e-324", "[]" * 3)
+    RAW_BYTES = (b"\xff", b"\xc3\x28", b"\xc0\xaf", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xe2\x82",
+                 b"\x00", b"\xef\xbb\xbf", b"\x80\x80\x80")
+    METHODS = ("PATCH", "PUT", "DELETE", "BREW", "get", "post", "HEAD", "OPTIONS", "TRACE", "CONNECT",
+               "G ET", "", "X" * 300, "GET\x00", "PROPFIND", "M-SEARCH")
+
+    def setUp(self):
+        self.cases = int(os.environ.get("MIXPANEL_FAKE_FUZZ_CASES") or 10000)
+        self.seed = int(os.environ.get("MIXPANEL_FAKE_FUZZ_SEED") or 8)
+        self.fake = self._start()
+        self.admin = self._start()
+        self.fake.add_flag("fuzz-flag", {"a": "x", "b": 2}, project=self.TOKEN)
+        self.flag_defs = self.fake.flags(project=self.TOKEN)
+        self.admin_snapshot = json.dumps(self.admin.snapshot())
+
+    def _start(self):
+        fake = MixpanelFake(projects=[Project(self.TOKEN, project_id=self.PROJECT_ID, api_secret=self.SECRET)],
+                            journal_size=100).start()  # a short journal: /__parlel/requests stays cheap
+        self.addCleanup(fake.stop)
+        fake.set_time(T0)
+        return fake
+
+    # --- building requests -----------------------------------------------------
+
+    def rand_value(self, rng, weird):
+        pool = self.WEIRD_VALUES if weird else self.GOOD_VALUES
+        return rng.choice(pool)
+
+    def event(self, rng, seq, part, imported):
+        props = {"token": self.TOKEN, "fuzz_seq": seq, "fuzz_part": part, "time": T0 - rng.choice((60, 3600, 0)),
+                 "distinct_id": f"fuzz-u-{rng.randrange(5)}"}
+        if imported or rng.random() < 0.5:  # a strict /import needs one; /track makes one up
+            props["$insert_id"] = f"fuzz-{seq}-{part}"
+        for i in range(rng.randrange(4)):
+            props[f"p{i}"] = self.rand_value(rng, False)
+        return {"event": "Fuzzed", "properties": props}
+
+    def profile_update(self, rng, seq, kind):
+        props = {"fuzz_seq": seq}
+        for i in range(rng.randrange(3)):
+            props[f"p{i}"] = self.rand_value(rng, False)
+        if kind == "people":
+            return {"$token": self.TOKEN, "$distinct_id": f"fuzz-p-{seq}", "$set": props, "$ignore_time": True}
+        return {"$token": self.TOKEN, "$group_key": "fuzz-co", "$group_id": f"fuzz-g-{seq}", "$set": props}
+
+    def query_params(self, rng, path):
+        params = {"from_date": rng.choice(("2026-11-10", "2026-11-14", "2026-11-01", "2026-11-10", "2000-01-01")),
+                  "to_date": "2026-11-14"}
+        pool = {
+            "event": ('["Fuzzed"]', "Fuzzed", '["Fuzzed","Other"]'), "unit": ("day", "hour", "minute", "week", "month"),
+            "type": ("general", "unique", "average"), "where": ('properties["fuzz_seq"] > 1',
+                                                              'defined(properties["p0"])', 'properties["p1"] == "x"'),
+            "on": ('properties["p0"]', 'string(properties["p1"])', 'properties["fuzz_seq"]'),
+            "limit": ("10", "1", "100"), "interval": ("1", "7"), "name": ("fuzz_seq", "p0", "distinct_id"),
+            "events": ('[{"event":"Fuzzed"},{"event":"Fuzzed"}]', json.dumps(["Fuzzed"] * 1000)), "funnel_id": ("1",), "bookmark_id": ("1",),
+            "id": ("1",), "distinct_id": ("fuzz-p-1",), "distinct_ids": ('["fuzz-p-1","fuzz-p-2"]',),
+            "output_properties": ('["p0"]',), "page": ("0", "1"), "page_size": ("1000",), "born_event": ("Fuzzed",),
+            "retention_type": ("birth", "compounded"), "length": ("7",), "length_unit": ("day", "hour"),
+            "values": ('["x"]',), "buckets": ("3",), "addiction_unit": ("hour", "day"),
+            "date": ("2026-11-14 10:00:00",), "description": ("d",), "time_in_ms": ("1",),
+            "project_id": (str(self.PROJECT_ID),), "format": ("json",),
+        }
+        for name in rng.sample(sorted(pool), rng.randrange(1, 5)):
+            params[name] = rng.choice(pool[name])
+        if rng.random() < 0.3:
+            params[rng.choice(("where", "on", "selector", "born_where"))] = self.expression(rng)
+        return params
+
+    def expression(self, rng):
+        """Token soup for the expression language (where=, on=): mostly well
+        formed, with numbers at a double's edges and every function."""
+        atoms = ('properties["p0"]', 'properties["fuzz_seq"]', 'properties["p1"]', "1e308", "-1e308", "0", "-0",
+                 "0.5", "9" * 400, '"x"', "'y'", '"\\u"', "true", "false", "null", "undefined", 'user["a"]',
+                 "event", 'properties["p2"]["k"]', 'properties["l"][0]', '"2026-11-14"', 'datetime(1e400)',
+                 "datetime(-1e308)", 'datetime("x")', "number(\"9e999\")", "string(1e308 * 10)",
+                 "floor(-1e308)", 'round(0.5)', "ceil(1e308)", 'defined(properties["zz"])', "boolean(0)")
+        ops = (" + ", " - ", " * ", " / ", " % ", " == ", " != ", " < ", " >= ", " and ", " or ", " in ")
+        parts = []
+        for _ in range(rng.randrange(1, 6)):
+            atom = rng.choice(atoms)
+            if rng.random() < 0.2:
+                atom = rng.choice(("not ", "-", "(", "string(", "number(", "any(x, ", "[")) + atom + rng.choice((
+                    "", ")", "]", ", x > 1)", ", 1)"))
+            parts.append(atom)
+            parts.append(rng.choice(ops))
+        return "".join(parts[:-1]) if rng.random() < 0.8 else "".join(parts)
+
+    def inspection_params(self, rng, path):
+        pool = {"project": (self.TOKEN, "nope"), "event": ("Fuzzed",), "distinct_id": ("fuzz-u-1", "7"),
+                "dedup": ("1", "true"), "since": ("0", "5"), "path": ("/track", "/import"), "limit": ("1", "5"),
+                "properties": ('{"p0":"x"}', "{}"), "count": ("0", "1", "2"), "replay_id": ("r1",)}
+        params = {name: rng.choice(pool[name]) for name in rng.sample(sorted(pool), rng.randrange(0, 4))}
+        if path == "/__parlel/wait":
+            params.pop("timeout", None)
+        return params
+
+    def admin_body(self, rng, path):
+        if path == "/__parlel/faults":
+            return {"path": rng.choice(("/track", "*", "/import")), "status": rng.choice((503, 429, 500, None)),
+                    "times": 1, "delay": 0}
+        if path == "/__parlel/snapshot":
+            return json.loads(self.admin_snapshot)
+        if path == "/__parlel/tracking-plan":
+            return {"plan": {"events": {"Fuzzed": {"required": {"fuzz_seq": "number"}}}},
+                    "enforce": rng.random() < 0.5}
+        if path == "/__parlel/reset":
+            return {}
+        return None
+
+    def base(self, rng, method, path, seq):
+        """A valid request for a route: (query dict, body bytes or None, headers
+        list, good) where good is what a valid ingestion request stores."""
+        headers = []
+        query: dict = {}
+        body = None
+        good = None
+        if path in ("/track", "/import"):
+            events = [self.event(rng, seq, n, path == "/import") for n in range(1 + rng.randrange(3))]
+            payload = events if len(events) > 1 or rng.random() < 0.5 else events[0]
+            encoding = rng.choice(("form", "form64", "json", "ndjson", "query") if path == "/import"
+                                  else ("form", "form64", "json", "query"))
+            if method == "GET":
+                encoding = "query"
+            if encoding == "ndjson" and isinstance(payload, dict):
+                payload = [payload]
+            if path == "/import":
+                auth = rng.choice(("secret", "token", "project_id", "none"))
+                if auth == "secret":
+                    headers.append(("Authorization", _basic(self.SECRET)["Authorization"]))
+                elif auth == "token":
+                    headers.append(("Authorization", _basic(self.TOKEN)["Authorization"]))
+                elif auth == "project_id":
+                    query["project_id"] = str(self.PROJECT_ID)
+                if rng.random() < 0.3:
+                    query["strict"] = rng.choice(("0", "1"))
+            elif rng.random() < 0.5:
+                query["verbose"] = rng.choice(("1", "2"))
+            if rng.random() < 0.1:
+                query["ip"] = "1"
+            body, query = self.encode(rng, encoding, payload, query, headers)
+            good = ("events", path, events, encoding, query.get("strict"))
+        elif path in ("/engage", "/groups"):
+            kind = "people" if path == "/engage" else "groups"
+            updates = [self.profile_update(rng, f"{seq}.{n}", kind) for n in range(1 + rng.randrange(2))]
+            payload = updates if len(updates) > 1 or rng.random() < 0.5 else updates[0]
+            encoding = "query" if method == "GET" else rng.choice(("form", "form64", "json"))
+            if rng.random() < 0.3:
+                query["verbose"] = "1"
+            body, query = self.encode(rng, encoding, payload, query, headers)
+            good = (kind, path, updates, encoding, None)
+        elif path in ("/flags", "/flags/definitions", "/settings") or path.endswith("/first-time-events"):
+            context = {"distinct_id": f"fuzz-u-{rng.randrange(5)}", "device_id": "d1"}
+            if rng.random() < 0.5:
+                headers.append(("Authorization", _basic(self.TOKEN)["Authorization"]))
+            else:
+                query["token"] = self.TOKEN
+            if path == "/settings":
+                query["sdk_config"] = "1"
+            elif method == "POST":
+                body = json.dumps({"context": context}).encode()
+                headers.append(("Content-Type", "application/json"))
+            else:
+                query["context"] = json.dumps(context)
+        elif path == "/record":
+            headers.append(("Authorization", _basic(self.TOKEN)["Authorization"]))
+            query.update(replay_id=f"r{rng.randrange(3)}", seq=str(seq), format="gzip", distinct_id="fuzz-u-1")
+            body = gzip.compress(json.dumps([{"type": 2, "data": {"n": seq}}]).encode(), mtime=0)
+        elif path.startswith("/api/2.0/"):
+            params = self.query_params(rng, path)
+            auth = rng.choice(("secret", "secret", "none", "bad"))
+            if auth == "secret":
+                headers.append(("Authorization", _basic(self.SECRET)["Authorization"]))
+            elif auth == "bad":
+                headers.append(("Authorization", _basic("nobody", "pw")["Authorization"]))
+            if method == "POST" and rng.random() < 0.5:
+                if rng.random() < 0.5:
+                    body = json.dumps(params).encode()
+                    headers.append(("Content-Type", "application/json"))
+                else:
+                    body = urllib.parse.urlencode(params).encode()
+                    headers.append(("Content-Type", "application/x-www-form-urlencoded"))
+            else:
+                query.update(params)
+        elif path.startswith("/__parlel/") and method == "POST":
+            value = self.admin_body(rng, path)
+            if value is None:
+                value = {"/__parlel/funnels": {"name": f"f{seq}", "steps": [{"event": "Fuzzed"}, {"event": "Other"}]},
+                         "/__parlel/cohorts": {"name": f"c{seq}", "distinct_ids": ["fuzz-u-1"]},
+                         "/__parlel/insights": {"name": f"i{seq}", "event": "Fuzzed", "unit": "day"},
+                         "/__parlel/flags": {"project": self.TOKEN, "flags": self.flag_defs},
+                         "/__parlel/sdk-config": {"project": self.TOKEN, "config": {"record_sessions_percent": 1}},
+                         }.get(path, {})
+            body = json.dumps(value).encode()
+            headers.append(("Content-Type", "application/json"))
+        elif path.startswith("/__parlel/"):
+            query.update(self.inspection_params(rng, path))
+        return query, body, headers, good
+
+    def encode(self, rng, encoding, payload, query, headers):
+        """A payload in one of the encodings the ingestion endpoints read."""
+        text = json.dumps(payload, ensure_ascii=rng.random() < 0.5)
+        body = None
+        if encoding == "json":
+            body = text.encode("utf-8")
+            headers.append(("Content-Type", rng.choice(("application/json", "text/plain", "application/json; charset=utf-8"))))
+        elif encoding == "ndjson":
+            body = "\n".join(json.dumps(p) for p in payload).encode("utf-8") + rng.choice((b"", b"\n"))
+            headers.append(("Content-Type", "application/x-ndjson"))
+        elif encoding in ("form", "form64"):
+            value = base64.b64encode(text.encode("utf-8")).decode() if encoding == "form64" else text
+            fields = dict(query, data=value)
+            query = {}
+            body = urllib.parse.urlencode(fields).encode()
+            headers.append(("Content-Type", "application/x-www-form-urlencoded"))
+        else:  # query: base64 in ?data=
+            query = dict(query, data=base64.b64encode(text.encode("utf-8")).decode())
+        if body is not None and rng.random() < 0.2:
+            body = gzip.compress(body, mtime=0)
+            headers.append(("Content-Encoding", "gzip"))
+        return body, query
+
+    # --- mutating ------------------------------------------------------------------
+
+    def mutate_payload(self, rng, payload):
+        """The payload's JSON text (bytes), mutated one way."""
+        import re
+        how = rng.randrange(11)
+        if how <= 3:  # a wrong type, a dropped field, or raw JSON text, somewhere in the tree
+            payload = json.loads(json.dumps(payload))
+            node = payload
+            for _ in range(rng.randrange(4)):
+                children = list(node.values()) if isinstance(node, dict) else node if isinstance(node, list) else []
+                children = [c for c in children if isinstance(c, (dict, list)) and c]
+                if not children:
+                    break
+                node = rng.choice(children)
+            value = "\x01FUZZ\x01" if how == 3 else self.rand_value(rng, True)
+            if isinstance(node, dict):
+                key = rng.choice(list(node) + [rng.choice(("event", "properties", "token", "time", "$insert_id",
+                                                             "distinct_id", "$set", "$unset", "$add", "$union",
+                                                             "$delete", "$token", "$group_id", "\ud800", ""))])
+                if rng.random() < 0.15 and how != 3:
+                    node.pop(key, None)
+                else:
+                    node[key] = value
+            elif isinstance(node, list) and node:
+                node[rng.randrange(len(node))] = value
+            elif how == 3 or not isinstance(node, list):
+                payload = value
+            if rng.random() < 0.1 and how != 3:
+                payload = self.rand_value(rng, True)  # the wrong type at the top
+            text = json.dumps(payload, ensure_ascii=how == 3 or rng.random() < 0.5)
+            text = text.replace('"\\u0001FUZZ\\u0001"', rng.choice(self.RAW_JSON), 1)
+            return text.encode("utf-8", "surrogatepass")
+        text = json.dumps(payload)
+        if how == 4:  # a duplicate key, with another value
+            keys = [m.start() for m in re.finditer(r'"[^"\\]{1,30}": ', text)]
+            if keys:
+                at = rng.choice(keys)
+                key = text[at:text.index(":", at)]
+                text = (text[:at] + key + ": " + rng.choice(self.RAW_JSON[:12] + ('"dup"', "null", "{}", "[]"))
+                        + ", " + text[at:])
+            return text.encode("utf-8")
+        raw = text.encode("utf-8")
+        if how == 5:  # invalid UTF-8 inside a string
+            quotes = [i for i in range(len(raw)) if raw[i:i + 1] == b'"']
+            at = rng.choice(quotes) + 1 if quotes else 0
+            return raw[:at] + rng.choice(self.RAW_BYTES) + raw[at:]
+        if how == 6:
+            return raw[:rng.randrange(len(raw) + 1)]  # truncated
+        if how == 7:
+            return bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200)))  # random bytes
+        if how == 8:  # flipped and inserted bytes
+            data = bytearray(raw)
+            for _ in range(rng.randrange(1, 6)):
+                at = rng.randrange(len(data) + 1)
+                data[at:at + rng.randrange(2)] = bytes([rng.randrange(256)])
+            return bytes(data)
+        if how == 9:  # deep nesting, or a bare top-level value
+            return rng.choice((b"[" * 20000, b'{"a":' * 5000 + b"1" + b"}" * 5000, b"[" * 5000 + b"]" * 5000,
+                               b"1", b'"s"', b"null", b"[]", b"{}", b"[1,2]", b"[[]]", b"", b" ", b"\n\n",
+                               b"[" + b"9" * 5000 + b"]", b'[{"event": "e"}]' * 2))
+        # many records: past the 2000-a-request limit, or just under it
+        one = json.dumps(payload[0] if isinstance(payload, list) else payload)
+        return ("[" + ",".join([one] * rng.choice((2001, 1, 50))) + "]").encode("utf-8")
+
+    def mutate_encoded(self, rng, query, body, headers):
+        """A mutation of the encoded request (base64, form, gzip, query string)."""
+        import zlib
+        how = rng.randrange(8)
+        if how == 0 and "data" in query:  # malformed base64
+            data = query["data"]
+            cut = rng.randrange(len(data) + 1)
+            query["data"] = rng.choice((data[:cut], data[:cut] + "!" + data[cut:], data.rstrip("=") + "===",
+                                        data.replace("+", "-").replace("/", "_"), data[:cut] + "%" + data[cut:],
+                                        " " + data, data + "\x00", "=" + data, data[:cut] + "\u00e9" + data[cut:]))
+        elif how == 1 and body is not None and not any(k == "Content-Encoding" for k, _ in headers):
+            # malformed form encoding
+            text = body.decode("latin-1")
+            query_pieces = rng.choice(("%zz", "%", "%e9", "%ED%A0%80", "data", "data=", "&&&", "=x", "data=%7B",
+                                       "data=x&data=y", "+" * 50, "data=" + "%5B" * 2000,
+                                       "&".join(f"f{i}=1" for i in range(1000))))
+            body = (rng.choice((query_pieces + "&" + text, text + "&" + query_pieces, query_pieces))).encode("latin-1", "replace")
+        elif how == 2 and body is not None:  # broken gzip
+            gz = gzip.compress(body, mtime=0)
+            body = rng.choice((gz[:rng.randrange(len(gz))], gz[:-4] + b"\x00\x00\x00\x00", gz + b"junk",
+                               gz * 2, body, zlib.compress(body), b"\x1f\x8b" + body, gz[10:]))
+            headers[:] = [h for h in headers if h[0] != "Content-Encoding"]
+            headers.append(("Content-Encoding", rng.choice(("gzip", "x-gzip", "GZIP", "deflate"))))
+        elif how == 3:  # odd values for the other parameters
+            name = rng.choice(("verbose", "ip", "img", "callback", "strict", "project_id", "token", "context",
+                               "flag_key", "sdk_config", "replay_id", "seq", "format", "limit", "since",
+                               "project", "where", "on", "unit", "from_date", "to_date", "event", "count",
+                               "properties", "timeout", "empty", "dedup", "data", "path", "page", "interval"))
+            query[name] = rng.choice(("", "1", "2", "0", "-1", "1e400", "9" * 5000, "x", "[", "{}", "null",
+                                      "true", "\ud800", "\x00", "é", "1.5", "(" * 200, "properties[", '"',
+                                      "f(x)", "cb</script>", "2026-13-45", "9999-12-31", "0000-01-01"))
+        elif how == 4:  # odd content types
+            headers[:] = [h for h in headers if h[0] != "Content-Type"]
+            headers.append(("Content-Type", rng.choice(("application/json", "text/plain", "application/x-ndjson",
+                                                        "multipart/form-data; boundary=x", "", "json", "x/y;;;",
+                                                        "application/x-www-form-urlencoded; charset=latin-1"))))
+        elif how == 5:  # credentials, right and wrong
+            headers[:] = [h for h in headers if h[0] != "Authorization"]
+            headers.append(("Authorization", rng.choice((
+                "Basic !!!", "Basic", "Basic " + base64.b64encode(b"\xff\xfe:").decode(), "Bearer x",
+                _basic(self.SECRET, "pw")["Authorization"], _basic("")["Authorization"],
+                "Basic " + base64.b64encode(b"a").decode(), _basic(self.TOKEN)["Authorization"],
+                "basic " + base64.b64encode((self.SECRET + ":").encode()).decode(), "Basic " + "A" * 5000))))
+        elif how == 6 and body is not None:  # a body where none is expected, or the wrong one
+            body = rng.choice((b"", b"{}", b"[]", b"data=", b"\x00" * 10, body + body))
+        else:  # a query string with odd escapes appended
+            query[rng.choice(("data", "x", "\u00e9", "%", ""))] = rng.choice(("%", "%zz", "%ff", "+", "&", "=", "\u2028"))
+        return query, body
+
+    def transport(self, rng, method, target, headers, body):
+        """A request mutated at the HTTP level, as bytes."""
+        how = rng.randrange(16)
+        version = b"HTTP/1.1"
+        length = None if body is None else str(len(body)).encode()
+        framing = None
+        target = target.encode("utf-8", "surrogatepass")
+        method = method.encode("latin-1", "replace")
+        heads = [(k.encode("latin-1"), v.encode("latin-1", "replace") if isinstance(v, str) else v)
+                 for k, v in headers]
+        if how == 0:
+            method = rng.choice(self.METHODS).encode("latin-1")
+        elif how == 1:
+            version = rng.choice((b"HTTP/1.0", b"HTTP/1.0", b"", b"HTTP/2.0", b"HTTP/1.1x", b"http/1.1",
+                                  b"HTTP/9.9", b"HTTP/1", b"HTTP/1.1 extra", b"HTTP/01.1", b"HTTP/1.10"))
+            if version == b"HTTP/1.0" and rng.random() < 0.5:
+                heads.append((b"Connection", b"keep-alive"))
+        elif how == 2:
+            target = rng.choice((b"http://127.0.0.1:9/" + target.lstrip(b"/"), b"https://api.mixpanel.com" + target,
+                                 b"//" + target.lstrip(b"/"), target.lstrip(b"/"), b"*", target + b"#frag",
+                                 target.replace(b"/", b"\\"), b"http://[" + target, target + b"%", target + b"?" * 3,
+                                 target[:1] + b"\xff\xfe" + target[1:], b"/" + b"a" * 100000, target + b"/",
+                                 b"HTTP://x" + target, b"/api/query" + target, target.upper(), b"/%2e%2e" + target))
+        elif how == 3:  # Host: missing, twice, odd
+            heads = [h for h in heads if h[0] != b"Host"]
+            heads += rng.choice(([], [(b"Host", b"a"), (b"Host", b"b")], [(b"Host", b"[::1]:80")], [(b"Host", b"")],
+                                 [(b"Host", b"a:b:c")], [(b"Host", b"\xff\xfe")], [(b"Host", b"[")]))
+        elif how == 4:  # huge or many headers
+            heads += rng.choice(([(b"X-Big", b"x" * 70000)], [(b"X-H%d" % i, b"v") for i in range(120)],
+                                 [(b"X-Big", b"x" * 60000)], [(b"Cookie", b"a=" + b"b" * 8000)]))
+        elif how == 5:  # malformed header lines
+            heads.append(rng.choice(((b"NoColon", None), (b" Leading", b"space"), (b"X-Nul", b"a\x00b"),
+                                     (b"X-Fold", b"a\r\n folded"), (b"X-\xff", b"v"), (b"", b"empty-name"),
+                                     (b"X-Bare-CR", b"a\rb"), (b"X-LF", b"a\nX-Injected: 1"))))
+        elif how == 6:  # conflicting or odd content headers
+            heads += rng.choice(([(b"Content-Type", b"application/json"), (b"Content-Type", b"text/plain")],
+                                 [(b"Content-Encoding", rng.choice((b"br", b"gzip, identity", b"compress", b" GZIP ",
+                                                                      b"gzip, gzip", b"\xff", b"identity")))],
+                                 [(b"Expect", b"100-continue")], [(b"Connection", b"close")],
+                                 [(b"Connection", b"upgrade"), (b"Upgrade", b"h2c")],
+                                 [(b"Origin", b"http://x"), (b"Access-Control-Request-Method", b"POST")],
+                                 [(b"Accept-Encoding", b"gzip")], [(b"Accept-Encoding", b"gzip;q=0, br")]))
+        elif how in (7, 8):  # Content-Length: missing, conflicting, negative, wrong
+            payload_length = len(body or b"")
+            length = rng.choice((None, b"-1", b"+%d" % payload_length, b" %d " % payload_length, b"0x10", b"1.0", b"",
+                                 b"99999999999", b"%d" % (payload_length + 10), b"%d" % max(payload_length - 3, 0),
+                                 b"%d, %d" % (payload_length, payload_length), b"9" * 30, b"\xff"))
+            if rng.random() < 0.3:
+                heads.append((b"Content-Length", rng.choice((b"0", b"%d" % payload_length, b"5"))))
+            body = body if body is not None else rng.choice((b"", b"data=x", b"{}"))
+        elif how in (9, 10):  # chunked bodies: valid, malformed, unterminated
+            body = body if body is not None else b'{"a":1}'
+            pieces = []
+            at = 0
+            while at < len(body):
+                step = rng.randrange(1, max(2, len(body) // 2 + 1))
+                pieces.append(b"%x%s\r\n%s\r\n" % (step if at + step <= len(body) else len(body) - at,
+                                                   rng.choice((b"", b";ext=1", b" ; a")), body[at:at + step]))
+                at += step
+            end = rng.choice((b"0\r\n\r\n", b"0\r\n\r\n", b"0\r\nX-Trailer: 1\r\n\r\n", b"", b"0\r\n", b"zz\r\n",
+                              b"-1\r\n\r\n", b"ffffffffffffffffff\r\n", b"0x5\r\n", b"5\r\nab", b"\r\n"))
+            if rng.random() < 0.2 and pieces:
+                pieces[0] = pieces[0].replace(b"\r\n", b"\n", 1)  # bare LF after the size
+            framing = b"".join(pieces) + end
+            heads.append((b"Transfer-Encoding", rng.choice((b"chunked", b"chunked", b"Chunked", b"chunked, chunked",
+                                                            b"gzip, chunked", b"identity, chunked", b"chunked, gzip",
+                                                            b"xchunked", b" chunked"))))
+            if rng.random() < 0.15:
+                heads.append((b"Content-Length", b"%d" % len(framing)))
+            length = None
+        elif how == 11:  # cut anywhere
+            data = self.serialize(method, target, version, heads, length, body)
+            return data[:rng.randrange(len(data))]
+        elif how == 12:  # nothing, blank lines, garbage
+            choice = rng.randrange(6)
+            if choice == 0:
+                return rng.choice((b"", b"\r\n", b"\r\n\r\n", b"\n", b"   \r\n"))
+            if choice == 1:
+                return b"\r\n" + self.serialize(method, target, version, heads, length, body)
+            if choice == 2:
+                return bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300)))
+            if choice == 3:
+                return b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(40)  # a TLS hello
+            if choice == 4:
+                return b"GET /health\r\n"  # HTTP/0.9
+            return b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+        elif how == 13 and rng.random() < 0.1:  # a request line beyond the 4 MB cap (rarely: 4 MB to send)
+            target = b"/track?data=" + b"a" * (mixpanel_fake._MAX_REQUEST_LINE + 1)
+        elif how == 14:  # pipelined: another request (or half of one) after this one
+            data = self.serialize(method, target, version, heads, length, body)
+            extra = rng.choice((b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /health HTTP/1.1\r\n",
+                                b"junk\r\n\r\n", b"\r\n", b"POST /track HTTP/1.1\r\nContent-Length: 5\r\n\r\nda"))
+            return data + extra
+        else:  # no header lines at all, or all of them lower-case
+            heads = [] if rng.random() < 0.5 else [(k.lower(), v) for k, v in heads]
+        return self.serialize(method, target, version, heads, length, body, framing)
+
+    @staticmethod
+    def serialize(method, target, version, heads, length, body, framing=None):
+        line = method + b" " + target + (b" " + version if version else b"")
+        lines = [line] + [k if v is None else k + b": " + v for k, v in heads]
+        if length is not None:
+            lines.append(b"Content-Length: " + length)
+        data = b"\r\n".join(lines) + b"\r\n\r\n"
+        return data + (framing if framing is not None else (body or b""))
+
+    @staticmethod
+    def target_of(path, query):
+        if not query:
+            return path
+        return path + "?" + urllib.parse.urlencode(query, errors="surrogatepass")
+
+    # --- one case ------------------------------------------------------------------
+
+    def routes(self):
+        rows = sorted(mixpanel_fake._ROUTES) + [("POST", "/flags/fuzz-flag/first-time-events")]
+        return [(m, p) for m, p in rows]
+
+    def make_case(self, rng, index, routes):
+        """Case ``index``: (fake name, request bytes, dict of what it is)."""
+        if rng.random() < 0.4:
+            method, path = rng.choice([r for r in routes if r[1] in ("/track", "/import", "/engage", "/groups")])
+        else:
+            method, path = rng.choice(routes)
+        seq = 1_000_000 + index
+        query, body, headers, good = self.base(rng, method, path, seq)
+        if path == "/__parlel/wait":
+            body = None
+        headers = [("Host", f"127.0.0.1:{self.fake.port}")] + headers
+        level = rng.random()
+        mutated = []
+        if level >= 0.3 and good is not None and rng.random() < 0.5:
+            mutated.append("payload")
+            records = good[2] if len(good[2]) > 1 or rng.random() < 0.5 else good[2][0]
+            text = self.mutate_payload(rng, records)
+            if good[3] == "query":
+                query["data"] = base64.b64encode(text).decode() if rng.random() < 0.7 else text.decode("latin-1")
+            elif good[3] in ("form", "form64"):
+                fields = urllib.parse.parse_qs(body.decode() if not any(h[0] == "Content-Encoding" for h in headers)
+                                               else gzip.decompress(body).decode())
+                value = base64.b64encode(text) if good[3] == "form64" else text
+                fields = {k: v[0] for k, v in fields.items()}
+                fields["data"] = value
+                body = urllib.parse.urlencode(fields).encode()
+                headers = [h for h in headers if h[0] != "Content-Encoding"]
+            else:
+                body = text
+                headers = [h for h in headers if h[0] != "Content-Encoding"]
+        elif level >= 0.3 and good is None and rng.random() < 0.6:
+            # wrong types in the fields of the other routes' JSON bodies and parameters
+            mutated.append("fields")
+            if body is not None and ("Content-Type", "application/json") in headers:
+                body = self.mutate_payload(rng, json.loads(body))
+            elif query:
+                name = rng.choice(sorted(query))
+                value = query[name]
+                try:
+                    value = self.mutate_payload(rng, json.loads(value)).decode("latin-1")
+                except ValueError:
+                    value = rng.choice((rng.choice(self.RAW_JSON), json.dumps(self.rand_value(rng, True))))
+                query[name] = value
+        if level >= 0.3 and (not mutated or rng.random() < 0.3):
+            mutated.append("encoded")
+            query, body = self.mutate_encoded(rng, dict(query), body, headers)
+        if path == "/__parlel/wait":  # first wins: a wait that never blocks
+            timeout = rng.choice(("0", "-1", "nan", "NaN", "-inf", "1e-400", "-1e400", "x", "0x1"))
+            query = dict({"timeout": timeout}, **{k: v for k, v in query.items() if k != "timeout"})
+            body = None
+        target = self.target_of(path, query)
+        safe = True
+        if level >= 0.65:
+            mutated.append("http")
+            data = self.transport(rng, method, target, headers, body)
+            safe = False
+        else:
+            data = self.serialize(method.encode(), target.encode("utf-8", "surrogatepass"), b"HTTP/1.1",
+                                  [(k.encode(), v.encode("latin-1", "replace")) for k, v in headers],
+                                  None if body is None else str(len(body)).encode(), body)
+        drop_ok = not data.strip()  # nothing asked: closing unanswered is right
+        sent_method, sent_path = self.request_route(data)
+        admin = self.is_admin(sent_method, sent_path) or self.is_admin(method, path)
+        if admin and path == "/__parlel/wait":
+            admin = False
+        info = {"index": index, "route": (method, path), "mutated": mutated, "data": data, "safe": safe,
+                "drop_ok": drop_ok, "head": sent_method == "HEAD", "good": good if not mutated else None,
+                "sent": (sent_method, sent_path), "admin": admin}
+        return info
+
+    @staticmethod
+    def request_route(data):
+        """Method and normalized path of the request line the server will read."""
+        data = data.lstrip(b"\r\n")
+        end = data.find(b"\n")
+        words = (data if end < 0 else data[:end]).split()
+        if len(words) < 2:
+            return None, None
+        path, _ = mixpanel_fake._split_target(words[1].decode("latin-1"))
+        return words[0].decode("latin-1"), path
+
+    def is_admin(self, method, path):
+        if method is None:
+            return False
+        handler = mixpanel_fake._ROUTES.get(("GET" if method == "HEAD" else method, path))
+        return handler in self.ADMIN
+
+    def exchange(self, port, cases, done):
+        """Send cases on one connection (keep-alive between safe ones); after
+        each, ``done(case, answers)``: a list of (status, headers, body), or a
+        string saying what went wrong."""
+        import zlib
+        sock = None
+        reader = None
+        for position, case in enumerate(cases):
+            if sock is None:
+                sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                reader = sock.makefile("rb")
+            last = position == len(cases) - 1 or not case["safe"]
+            answers = []
+            problem = None
+            try:
+                try:
+                    sock.sendall(case["data"])
+                    if last:
+                        sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass  # answered and closed before reading it all: the answer is still there
+                while True:
+                    answer = _fuzz_read_reply(reader, case["head"])
+                    if answer is None:
+                        break
+                    answers.append(answer)
+                    if not last:
+                        break
+            except socket.timeout:
+                problem = "no answer within 10 s (a hang)"
+            except ConnectionResetError:
+                problem = "connection reset" if not answers else None
+            except (ValueError, OSError, EOFError, zlib.error) as exc:
+                problem = f"malformed answer: {type(exc).__name__}: {exc}"
+            if problem is None and not answers and not case["drop_ok"]:
+                problem = "connection closed without an answer"
+            closing = last or problem is not None or not answers or any(
+                "close" in ",".join(h.get("connection", [])).lower() for _, h, _ in answers)
+            if closing:
+                reader.close()
+                sock.close()
+                sock = None
+            done(case, problem if problem is not None else answers)
+
+    # --- the invariants ----------------------------------------------------------
+
+    def counts(self):
+        """Stored events, and refusals marked dropped (`$ignore`: answered as
+        accepted) since the last call, on the main fake."""
+        store = self.fake.store
+        dropped = refused = 0
+        with store.lock:
+            events = sum(len(state.events) for state in store.states.values())
+            for token, state in store.states.items():
+                seen = self.rejected_seen.get(token, 0)
+                dropped += sum(1 for row in state.rejected[seen:] if row["dropped"])
+                refused += len(state.rejected) - seen
+                self.rejected_seen[token] = len(state.rejected)
+            last = store.journal[-1] if store.journal_seq == self.journal_seen + 1 else None
+            self.journal_seen = store.journal_seq
+        return events, dropped, refused, last  # last: this case's journal entry, if it made one
+
+    @staticmethod
+    def accepted(status, headers, body):
+        """What an answer says was stored: ("exact", n), ("some", 1) or
+        ("unknown", 0) for a pixel (it answers either way), else ("none", 0)."""
+        kind = (headers.get("content-type") or [""])[0]
+        if kind == "image/gif":
+            return "unknown", 0
+        if kind == "text/javascript":  # JSONP: callback(answer), the callback may hold brackets
+            if body.endswith((b"(0)", b"(1)")):
+                body, kind = body[-2:-1], "text/plain"
+            elif b'({"status":' in body:
+                body, kind = body[body.rindex(b'({"status":') + 1:-1], "application/json"
+        if body == b"1":
+            return "some", 1
+        if kind.startswith("application/json"):
+            try:
+                value = json.loads(body)
+            except ValueError:
+                return "none", 0
+            if isinstance(value, dict) and value.get("status") == 1 and "error" in value:
+                return "some", 1
+            if isinstance(value, dict) and isinstance(value.get("num_records_imported"), int):
+                return "exact", value["num_records_imported"]
+        return "none", 0
+
+    @staticmethod
+    def prescribed(status, data):
+        """501 for a transfer coding the server does not know, 505 for HTTP/2
+        and later over HTTP/1: the 5xx RFC 9112 §6.1 and RFC 9110 §15.6.6 prescribe."""
+        data = data.lstrip(b"\r\n")
+        head = data[:data.find(b"\r\n\r\n")].split(b"\r\n")
+        version = head[0].rsplit(b" ", 1)[-1]
+        codings = b"".join(line.split(b":", 1)[1] for line in head[1:] if line.lower().startswith(b"transfer-encoding:"))
+        return (status == 501 and codings.strip().lower() not in (b"", b"chunked")) or (
+            status == 505 and version[:5] == b"HTTP/" and version[5:6] not in (b"0", b"1"))
+
+    def check_case(self, case, answers):
+        """The invariants after one case; appends to self.failures."""
+        fake = self.admin if case["admin"] else self.fake
+        problems = []
+        if isinstance(answers, str):
+            problems.append(answers)
+            answers = []
+        for status, headers, body in answers:
+            self.statuses[status] = self.statuses.get(status, 0) + 1
+            if status >= 500 and not self.prescribed(status, case["data"]):
+                problems.append(f"status {status}")
+        if len(fake.store.errors) != self.errors_seen[case["admin"]]:
+            self.errors_seen[case["admin"]] = len(fake.store.errors)
+            problems.append(f"internal error: {fake.store.errors[-1]!r}")
+        if case["admin"]:
+            self.admin.clear_faults()  # an injected fault must not hit the next case
+        else:
+            events, dropped, refused, last = self.counts()
+            landed = events - self.events_seen + dropped
+            added = events - self.events_seen
+            self.events_seen = events
+            verdicts = [self.accepted(*answer) for answer in answers[:1]]
+            exact = sum(n for kind, n in verdicts if kind == "exact")
+            some = sum(n for kind, n in verdicts if kind == "some")
+            ingests = case["sent"][1] in ("/track", "/import") and case["sent"][0] in ("GET", "POST")
+            if not ingests and added:
+                problems.append(f"{added} events stored by a request to {case['sent']}")
+            elif ingests and last is not None and isinstance(last["records"], list) and (
+                    added + refused != len(last["records"])):
+                # Every record decoded is either stored or kept among the refusals.
+                problems.append(f"of {len(last['records'])} records decoded, {added} were stored and "
+                                f"{refused} refused")
+            elif ingests and not any(kind == "unknown" for kind, _ in verdicts):
+                if some == 0 and landed != exact:
+                    problems.append(f"the answer says {exact} records were accepted; {landed} landed")
+                elif some and landed < exact + some:
+                    problems.append(f"the answer says some records were accepted; {landed} landed")
+            good = case["good"]
+            if good is not None and not problems:
+                verdict = verdicts[0] if verdicts else ("none", 0)
+                if verdict[0] == "none" or (verdict[0] == "exact" and verdict[1] != len(good[2])):
+                    problems.append("a valid request was refused")
+                elif good[0] == "events":
+                    if added != len(good[2]):
+                        problems.append(f"a valid request of {len(good[2])} events stored {added}")
+                    for event in good[2]:
+                        self.remembered[(event["properties"]["fuzz_seq"], event["properties"]["fuzz_part"])] = (
+                            good[1], event)
+                else:
+                    for update in good[2]:
+                        self.remembered_profiles.append((good[0], update))
+        if problems:
+            shown = [(status, {k: v for k, v in headers.items() if k in ("content-type", "content-length",
+                                                                          "connection", "transfer-encoding")},
+                      body[:300]) for status, headers, body in answers]
+            self.failures.append(
+                f"seed {self.seed} case {case['index']} ({'admin' if case['admin'] else 'main'} fake, route "
+                f"{case['route']}, mutated {case['mutated']}): {'; '.join(problems)}\n"
+                f"  sent {case['sent']}: {case['data'][:300]!r} ({len(case['data'])} bytes)\n  answers: {shown}")
+
+    def check_health(self):
+        self.journal_seen += 1  # the main fake journals its /health
+        for fake, name in ((self.fake, "main"), (self.admin, "admin")):
+            found = []
+            case = {"data": b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", "safe": True, "drop_ok": False, "head": False}
+            self.exchange(fake.port, [case], lambda _, answers: found.append(answers))
+            answer = found[0]
+            if isinstance(answer, str) or [(s, b) for s, _, b in answer] != [(200, b'{"status":"ok"}')]:
+                self.failures.append(f"seed {self.seed}: /health on the {name} fake after case "
+                                     f"{self.case_index}: {answer!r}")
+
+    def check_records(self):
+        """Every record a valid request got accepted: stored once, as sent
+        plus what Mixpanel adds (README "Stored events"); returns the losses."""
+        lost = []
+        found: dict = {}
+        for event in self.fake.events():
+            props = event["properties"]
+            key = (props.get("fuzz_seq"), props.get("fuzz_part"))
+            if all(type(part) is int for part in key) and key in self.remembered:
+                found.setdefault(key, []).append(event)
+        for key, (endpoint, sent) in self.remembered.items():
+            copies = found.get(key, [])
+            expected = dict(sent["properties"], **{"$mp_api_endpoint": "127.0.0.1", "$mp_api_timestamp_ms": T0 * 1000,
+                                                   "mp_processing_time_ms": T0 * 1000})
+            if endpoint == "/import":
+                expected["$import"] = True
+            if len(copies) == 1 and "$insert_id" not in sent["properties"]:
+                generated = copies[0]["properties"].get("$insert_id", "")
+                if isinstance(generated, str) and len(generated) == 32 and all(c in "0123456789abcdef" for c in generated):
+                    expected["$insert_id"] = generated
+            if len(copies) != 1 or copies[0] != {"event": sent["event"], "properties": expected}:
+                lost.append(f"event {key} from {endpoint}: sent {sent}, stored {copies}")
+        profiles = self.fake.profiles(project=self.TOKEN)
+        groups = self.fake.groups(project=self.TOKEN)
+        for kind, update in self.remembered_profiles:
+            stored = (profiles.get(update["$distinct_id"]) if kind == "people"
+                      else groups.get((update["$group_key"], update["$group_id"])))
+            if stored != update["$set"]:
+                lost.append(f"{kind} update {update}: stored {stored}")
+        return lost
+
+    def test_regression_wait_timeout_nan_is_refused_not_endless(self):
+        # float("nan") passed the 0..60 s clamp and the wait never ended.
+        for timeout in ("nan", "NaN", "-nan"):
+            with self.subTest(timeout=timeout):
+                status, _, body = _http("GET", "/__parlel/wait?timeout=" + timeout, port=self.fake.port, timeout=5)
+                self.assertEqual((status, json.loads(body)), (400, {"error": "timeout must be a number of seconds"}))
+        status, _, body = _http("GET", "/__parlel/wait?timeout=-inf", port=self.fake.port, timeout=5)
+        self.assertEqual((status, json.loads(body)["message"].split(":")[0]), (408, "waited 0.0s"))
+
+    def test_regression_funnel_answer_is_bounded(self):
+        # 1000 steps over 27 years answered 1.3 GB of JSON after a minute.
+        query = urllib.parse.urlencode({"from_date": "2000-01-01", "to_date": "2026-11-14",
+                                        "events": json.dumps(["Fuzzed"] * 11)})
+        status, _, body = _http("GET", "/api/2.0/funnels?" + query, headers=_basic(self.SECRET),
+                                port=self.fake.port)
+        self.assertEqual((status, json.loads(body)["error"]),
+                         (400, "the answer would hold more than 100000 funnel steps (dates x segments x steps): "
+                               "shorten the range, or use fewer steps or a lower limit"))
+        query = urllib.parse.urlencode({"from_date": "2000-01-01", "to_date": "2026-11-14",
+                                        "events": json.dumps(["Fuzzed"] * 10)})  # 9815 days x 10: answered
+        status, _, body = _http("GET", "/api/2.0/funnels?" + query, headers=_basic(self.SECRET),
+                                port=self.fake.port)
+        self.assertEqual((status, len(json.loads(body)["data"])), (200, 9815))
+
+    def test_fuzz(self):
+        import random
+        rng = random.Random(self.seed)
+        routes = self.routes()
+        self.failures = []
+        self.statuses = {}
+        self.remembered = {}
+        self.remembered_profiles = []
+        self.rejected_seen = {}
+        self.errors_seen = {False: 0, True: 0}
+        self.journal_seen = 0
+        self.events_seen = self.counts()[0]
+        covered = set()
+        started = time.monotonic()
+        batch = []
+        for self.case_index in range(self.cases):
+            case = self.make_case(rng, self.case_index, routes)
+            covered.add(case["route"])
+            if batch and (not case["safe"] or case["admin"] or batch[0]["admin"] or len(batch) >= 16):
+                self.exchange(self.fake.port, batch, self.check_case)
+                batch = []
+            if case["safe"] and not case["admin"]:
+                batch.append(case)
+            else:
+                self.exchange((self.admin if case["admin"] else self.fake).port, [case], self.check_case)
+            if self.case_index % self.HEALTH_EVERY == self.HEALTH_EVERY - 1:
+                if batch:
+                    self.exchange(self.fake.port, batch, self.check_case)
+                    batch = []
+                self.check_health()
+            if len(self.failures) >= 10:
+                break
+        if batch:
+            self.exchange(self.fake.port, batch, self.check_case)
+        self.check_health()
+        elapsed = time.monotonic() - started
+        lost = self.check_records()
+        ran = self.case_index + 1
+        print(f"fuzz: {ran} cases over {len(covered)} routes (seed {self.seed}): {len(self.failures)} failures, "
+              f"{len(lost)} records lost of {len(self.remembered) + len(self.remembered_profiles)} accepted and "
+              f"checked ({len(self.remembered)} events, {len(self.remembered_profiles)} profile updates), "
+              f"{self.fake.stats()['events']} events stored, statuses {dict(sorted(self.statuses.items()))}, "
+              f"{elapsed:.1f} s", file=sys.stderr, flush=True)
+        self.assertEqual(self.failures, [], "\n".join(self.failures[:5]))
+        self.assertEqual(lost, [], "\n".join(lost[:5]))
+        if ran >= 2000:
+            self.assertEqual(covered, set(routes))  # every row of the table was fuzzed
+        self.fake.check()
+        self.admin.check()
+
+
 class TestStrictAuth(unittest.TestCase):
     """Strict auth: configured credentials only; projects never see each other."""
 
