@@ -2126,12 +2126,7 @@ class TestTransport(_ServerTestCase):
         for piece in (head[:20], head[20:45], head[45:-3], head[-3:], body):
             sock.sendall(piece)
             time.sleep(0.02)
-        reply = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            reply += chunk
+        reply, _ = _read_until_closed(sock)
         self.assertTrue(reply.endswith(b'\r\n\r\n{"status":1,"error":null}'), reply)
         self.assertEqual(MP.requests(path="/track")[-1]["headers"]["Content-Type"], "application/json")
         self.assertEqual([e["event"] for e in self.stored()], ["Pieces"])
@@ -2181,12 +2176,7 @@ class TestTransport(_ServerTestCase):
                      b"Connection: close\r\n\r\n" % len(body))
         self.assertTrue(sock.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n"))
         sock.sendall(body)
-        reply = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            reply += chunk
+        reply, _ = _read_until_closed(sock)
         self.assertTrue(reply.startswith(b"HTTP/1.1 200 ") and reply.endswith(b"\r\n\r\n1"), reply)
         self.assertEqual([e["event"] for e in self.stored()], ["Continued"])
 
