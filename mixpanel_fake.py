@@ -5506,9 +5506,12 @@ def _parlel_wait(store: Store, req: _Request) -> _Response:
     name, wanted, project, count = _expectation(store, req)
     count = 1 if count is None else count
     try:
-        timeout = min(max(float(req.param("timeout") or 5), 0.0), 60.0)
+        timeout = float(req.param("timeout") or 5)
+        if math.isnan(timeout):  # NaN passes every clamp below: it would wait for ever
+            raise ValueError(timeout)
     except ValueError:
         raise ApiError(400, {"error": "timeout must be a number of seconds"}) from None
+    timeout = min(max(timeout, 0.0), 60.0)
     found = _wait_events(store, count, timeout,
                          lambda: _stored_events(store, name, None, project, wanted or None))
     if len(found) >= count:

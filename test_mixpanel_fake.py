@@ -2819,8 +2819,9 @@ class TestFuzz(unittest.TestCase):
         if level >= 0.3 and (not mutated or rng.random() < 0.3):
             mutated.append("encoded")
             query, body = self.mutate_encoded(rng, dict(query), body, headers)
-        if path == "/__parlel/wait":
-            query = dict({"timeout": "0"}, **{k: v for k, v in query.items() if k != "timeout"})
+        if path == "/__parlel/wait":  # first wins: a wait that never blocks
+            timeout = rng.choice(("0", "-1", "nan", "NaN", "-inf", "1e-400", "-1e400", "x", "0x1"))
+            query = dict({"timeout": timeout}, **{k: v for k, v in query.items() if k != "timeout"})
             body = None
         target = self.target_of(path, query)
         safe = True
@@ -3059,6 +3060,15 @@ class TestFuzz(unittest.TestCase):
             if stored != update["$set"]:
                 lost.append(f"{kind} update {update}: stored {stored}")
         return lost
+
+    def test_regression_wait_timeout_nan_is_refused_not_endless(self):
+        # float("nan") passed the 0..60 s clamp and the wait never ended.
+        for timeout in ("nan", "NaN", "-nan"):
+            with self.subTest(timeout=timeout):
+                status, _, body = _http("GET", "/__parlel/wait?timeout=" + timeout, port=self.fake.port, timeout=5)
+                self.assertEqual((status, json.loads(body)), (400, {"error": "timeout must be a number of seconds"}))
+        status, _, body = _http("GET", "/__parlel/wait?timeout=-inf", port=self.fake.port, timeout=5)
+        self.assertEqual((status, json.loads(body)["message"].split(":")[0]), (408, "waited 0.0s"))
 
     def test_fuzz(self):
         import random
