@@ -3592,6 +3592,7 @@ _UNITS = ("minute", "hour", "day", "week", "month")
 # Guards against answers too big to be useful (a minute series over years).
 _MAX_BUCKETS = 50000
 _MAX_CELLS = 2_000_000  # segments x buckets
+_MAX_FUNNEL_CELLS = 100_000  # funnel step objects (dates x segments x steps), ~150 bytes each
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
@@ -4572,6 +4573,11 @@ def _funnels(store: Store, req: _Request) -> _Response:
     first, last = q.date_range()
     days = q.integer("interval", 0, low=0)
     buckets = _Buckets(unit, q.tz, first, days if days > 1 else 0)
+    dates = buckets.series(first, last)
+    too_big = q.error(400, f"the answer would hold more than {_MAX_FUNNEL_CELLS} funnel steps (dates x segments "
+                           "x steps): shorten the range, or use fewer steps or a lower limit")
+    if len(dates) * len(funnel["steps"]) > _MAX_FUNNEL_CELLS:
+        raise too_big
     start, end = q.bounds(first, last)
     where = q.expression("where")
     on = q.expression("on")
@@ -4591,7 +4597,7 @@ def _funnels(store: Store, req: _Request) -> _Response:
     for person, events in by_person.items():
         scope = _Scope(user=q.state.profiles.get(person))
         _walk_funnel(events, names, step_filters, start, end, window, buckets, on, results, scope)
-    dates = buckets.series(first, last)
+    cells = 0
     data = {}
     for label in dates:
         segments = results.get(label, {})
@@ -4601,6 +4607,9 @@ def _funnels(store: Store, req: _Request) -> _Response:
         else:
             ranked = sorted((k for k in segments if k != "$overall"),
                             key=lambda k: (-len(segments[k][0]), k))[:limit]
+            cells += (1 + len(ranked)) * len(funnel["steps"])
+            if cells > _MAX_FUNNEL_CELLS:
+                raise too_big
             entry = {"$overall": overall}
             for key in ranked:
                 entry[key] = _funnel_steps(segments[key], funnel["steps"])

@@ -2367,14 +2367,15 @@ class TestFuzz(unittest.TestCase):
         return {"$token": self.TOKEN, "$group_key": "fuzz-co", "$group_id": f"fuzz-g-{seq}", "$set": props}
 
     def query_params(self, rng, path):
-        params = {"from_date": rng.choice(("2026-11-10", "2026-11-14", "2026-11-01")), "to_date": "2026-11-14"}
+        params = {"from_date": rng.choice(("2026-11-10", "2026-11-14", "2026-11-01", "2026-11-10", "2000-01-01")),
+                  "to_date": "2026-11-14"}
         pool = {
             "event": ('["Fuzzed"]', "Fuzzed", '["Fuzzed","Other"]'), "unit": ("day", "hour", "minute", "week", "month"),
             "type": ("general", "unique", "average"), "where": ('properties["fuzz_seq"] > 1',
                                                               'defined(properties["p0"])', 'properties["p1"] == "x"'),
             "on": ('properties["p0"]', 'string(properties["p1"])', 'properties["fuzz_seq"]'),
             "limit": ("10", "1", "100"), "interval": ("1", "7"), "name": ("fuzz_seq", "p0", "distinct_id"),
-            "events": ('[{"event":"Fuzzed"},{"event":"Fuzzed"}]',), "funnel_id": ("1",), "bookmark_id": ("1",),
+            "events": ('[{"event":"Fuzzed"},{"event":"Fuzzed"}]', json.dumps(["Fuzzed"] * 1000)), "funnel_id": ("1",), "bookmark_id": ("1",),
             "id": ("1",), "distinct_id": ("fuzz-p-1",), "distinct_ids": ('["fuzz-p-1","fuzz-p-2"]',),
             "output_properties": ('["p0"]',), "page": ("0", "1"), "page_size": ("1000",), "born_event": ("Fuzzed",),
             "retention_type": ("birth", "compounded"), "length": ("7",), "length_unit": ("day", "hour"),
@@ -3069,6 +3070,21 @@ class TestFuzz(unittest.TestCase):
                 self.assertEqual((status, json.loads(body)), (400, {"error": "timeout must be a number of seconds"}))
         status, _, body = _http("GET", "/__parlel/wait?timeout=-inf", port=self.fake.port, timeout=5)
         self.assertEqual((status, json.loads(body)["message"].split(":")[0]), (408, "waited 0.0s"))
+
+    def test_regression_funnel_answer_is_bounded(self):
+        # 1000 steps over 27 years answered 1.3 GB of JSON after a minute.
+        query = urllib.parse.urlencode({"from_date": "2000-01-01", "to_date": "2026-11-14",
+                                        "events": json.dumps(["Fuzzed"] * 11)})
+        status, _, body = _http("GET", "/api/2.0/funnels?" + query, headers=_basic(self.SECRET),
+                                port=self.fake.port)
+        self.assertEqual((status, json.loads(body)["error"]),
+                         (400, "the answer would hold more than 100000 funnel steps (dates x segments x steps): "
+                               "shorten the range, or use fewer steps or a lower limit"))
+        query = urllib.parse.urlencode({"from_date": "2000-01-01", "to_date": "2026-11-14",
+                                        "events": json.dumps(["Fuzzed"] * 10)})  # 9815 days x 10: answered
+        status, _, body = _http("GET", "/api/2.0/funnels?" + query, headers=_basic(self.SECRET),
+                                port=self.fake.port)
+        self.assertEqual((status, len(json.loads(body)["data"])), (200, 9815))
 
     def test_fuzz(self):
         import random
