@@ -2302,6 +2302,7 @@ class TestFuzz(unittest.TestCase):
     SECRET = "fuzz-secret"
     PROJECT_ID = 808
     HEALTH_EVERY = 100
+    CHECKPOINT = 5000
     # State-wide writes (a reset, a restore, faults, a tracking plan) go to
     # a second fake, so the first one's records are only ever added to.
     ADMIN = frozenset((mixpanel_fake._parlel_reset, mixpanel_fake._parlel_clear_events,
@@ -3062,6 +3063,17 @@ class TestFuzz(unittest.TestCase):
                 lost.append(f"{kind} update {update}: stored {stored}")
         return lost
 
+    def checkpoint(self, lost, totals):
+        lost += self.check_records()
+        totals[0] += len(self.remembered)
+        totals[1] += len(self.remembered_profiles)
+        totals[2] += self.fake.stats()["events"]
+        self.remembered = {}
+        self.remembered_profiles = []
+        self.fake.reset()
+        self.rejected_seen = {}
+        self.events_seen = self.counts()[0]
+
     def test_regression_wait_timeout_nan_is_refused_not_endless(self):
         # float("nan") passed the 0..60 s clamp and the wait never ended.
         for timeout in ("nan", "NaN", "-nan"):
@@ -3099,6 +3111,8 @@ class TestFuzz(unittest.TestCase):
         self.journal_seen = 0
         self.events_seen = self.counts()[0]
         covered = set()
+        lost: list = []
+        totals = [0, 0, 0]  # events and profile updates checked, events stored
         started = time.monotonic()
         batch = []
         for self.case_index in range(self.cases):
@@ -3118,17 +3132,23 @@ class TestFuzz(unittest.TestCase):
                 self.check_health()
             if len(self.failures) >= 10:
                 break
+            if self.case_index % self.CHECKPOINT == self.CHECKPOINT - 1:
+                # Check the records so far, then start over empty: a long run
+                # stays linear (listings and queries read every stored event).
+                if batch:
+                    self.exchange(self.fake.port, batch, self.check_case)
+                    batch = []
+                self.checkpoint(lost, totals)
         if batch:
             self.exchange(self.fake.port, batch, self.check_case)
         self.check_health()
+        self.checkpoint(lost, totals)
         elapsed = time.monotonic() - started
-        lost = self.check_records()
         ran = self.case_index + 1
         print(f"fuzz: {ran} cases over {len(covered)} routes (seed {self.seed}): {len(self.failures)} failures, "
-              f"{len(lost)} records lost of {len(self.remembered) + len(self.remembered_profiles)} accepted and "
-              f"checked ({len(self.remembered)} events, {len(self.remembered_profiles)} profile updates), "
-              f"{self.fake.stats()['events']} events stored, statuses {dict(sorted(self.statuses.items()))}, "
-              f"{elapsed:.1f} s", file=sys.stderr, flush=True)
+              f"{len(lost)} records lost of {totals[0] + totals[1]} accepted and checked ({totals[0]} events, "
+              f"{totals[1]} profile updates), {totals[2]} events stored, "
+              f"statuses {dict(sorted(self.statuses.items()))}, {elapsed:.1f} s", file=sys.stderr, flush=True)
         self.assertEqual(self.failures, [], "\n".join(self.failures[:5]))
         self.assertEqual(lost, [], "\n".join(lost[:5]))
         if ran >= 2000:
