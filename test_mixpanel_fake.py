@@ -2294,8 +2294,10 @@ class TestFuzz(unittest.TestCase):
     accounting; every few cases /health; at the end every record the fuzzer's
     own valid requests got accepted is stored once, exactly as sent.
 
-    MIXPANEL_FAKE_FUZZ_CASES (default 10000) and MIXPANEL_FAKE_FUZZ_SEED
-    (default 8) choose the run; the long one is e.g. 200000 cases.
+    MIXPANEL_FAKE_FUZZ_CASES (default 10000, the quick set) and
+    MIXPANEL_FAKE_FUZZ_SEED (default 8) choose the run; the long one is e.g.
+    MIXPANEL_FAKE_FUZZ_CASES=50000 (about 90 s).  A failure names the seed and
+    the case; the same seed replays the same cases.
     """
 
     TOKEN = "fuzz-tok"
@@ -3017,7 +3019,8 @@ class TestFuzz(unittest.TestCase):
                                                                           "connection", "transfer-encoding")},
                       body[:300]) for status, headers, body in answers]
             self.failures.append(
-                f"seed {self.seed} case {case['index']} ({'admin' if case['admin'] else 'main'} fake, route "
+                f"seed {self.seed} case {case['index']} (replay: MIXPANEL_FAKE_FUZZ_SEED={self.seed} "
+                f"MIXPANEL_FAKE_FUZZ_CASES={case['index'] + 1}; {'admin' if case['admin'] else 'main'} fake, route "
                 f"{case['route']}, mutated {case['mutated']}): {'; '.join(problems)}\n"
                 f"  sent {case['sent']}: {case['data'][:300]!r} ({len(case['data'])} bytes)\n  answers: {shown}")
 
