@@ -2412,14 +2412,17 @@ class TestFuzz(unittest.TestCase):
     accounting; every few cases /health; at the end every record the fuzzer's
     own valid requests got accepted is stored once, exactly as sent.
 
-    MIXPANEL_FAKE_FUZZ_CASES (default 10000) and MIXPANEL_FAKE_FUZZ_SEED
-    (default 8) choose the run; the long one is e.g. 200000 cases.
+    MIXPANEL_FAKE_FUZZ_CASES (default 10000, the quick set) and
+    MIXPANEL_FAKE_FUZZ_SEED (default 8) choose the run; the long one is e.g.
+    MIXPANEL_FAKE_FUZZ_CASES=50000 (about 90 s).  A failure names the seed and
+    the case; the same seed replays the same cases.
     """
 
     TOKEN = "fuzz-tok"
     SECRET = "fuzz-secret"
     PROJECT_ID = 808
     HEALTH_EVERY = 100
+    CHECKPOINT = 5000
     # State-wide writes (a reset, a restore, faults, a tracking plan) go to
     # a second fake, so the first one's records are only ever added to.
     ADMIN = frozenset((mixpanel_fake._parlel_reset, mixpanel_fake._parlel_clear_events,
@@ -2493,7 +2496,8 @@ class TestFuzz(unittest.TestCase):
                                                               'defined(properties["p0"])', 'properties["p1"] == "x"'),
             "on": ('properties["p0"]', 'string(properties["p1"])', 'properties["fuzz_seq"]'),
             "limit": ("10", "1", "100"), "interval": ("1", "7"), "name": ("fuzz_seq", "p0", "distinct_id"),
-            "events": ('[{"event":"Fuzzed"},{"event":"Fuzzed"}]', json.dumps(["Fuzzed"] * 1000)), "funnel_id": ("1",), "bookmark_id": ("1",),
+            "events": ('[{"event":"Fuzzed"},{"event":"Fuzzed"}]', json.dumps(["Fuzzed"] * 1000)),
+            "funnel_id": ("1",), "bookmark_id": ("1",),
             "id": ("1",), "distinct_id": ("fuzz-p-1",), "distinct_ids": ('["fuzz-p-1","fuzz-p-2"]',),
             "output_properties": ('["p0"]',), "page": ("0", "1"), "page_size": ("1000",), "born_event": ("Fuzzed",),
             "retention_type": ("birth", "compounded"), "length": ("7",), "length_unit": ("day", "hour"),
@@ -2643,7 +2647,8 @@ class TestFuzz(unittest.TestCase):
         body = None
         if encoding == "json":
             body = text.encode("utf-8")
-            headers.append(("Content-Type", rng.choice(("application/json", "text/plain", "application/json; charset=utf-8"))))
+            headers.append(("Content-Type", rng.choice(("application/json", "text/plain",
+                                                        "application/json; charset=utf-8"))))
         elif encoding == "ndjson":
             body = "\n".join(json.dumps(p) for p in payload).encode("utf-8") + rng.choice((b"", b"\n"))
             headers.append(("Content-Type", "application/x-ndjson"))
@@ -2741,7 +2746,8 @@ class TestFuzz(unittest.TestCase):
             query_pieces = rng.choice(("%zz", "%", "%e9", "%ED%A0%80", "data", "data=", "&&&", "=x", "data=%7B",
                                        "data=x&data=y", "+" * 50, "data=" + "%5B" * 2000,
                                        "&".join(f"f{i}=1" for i in range(1000))))
-            body = (rng.choice((query_pieces + "&" + text, text + "&" + query_pieces, query_pieces))).encode("latin-1", "replace")
+            body = rng.choice((query_pieces + "&" + text, text + "&" + query_pieces, query_pieces))
+            body = body.encode("latin-1", "replace")
         elif how == 2 and body is not None:  # broken gzip
             gz = gzip.compress(body, mtime=0)
             body = rng.choice((gz[:rng.randrange(len(gz))], gz[:-4] + b"\x00\x00\x00\x00", gz + b"junk",
@@ -2771,7 +2777,8 @@ class TestFuzz(unittest.TestCase):
         elif how == 6 and body is not None:  # a body where none is expected, or the wrong one
             body = rng.choice((b"", b"{}", b"[]", b"data=", b"\x00" * 10, body + body))
         else:  # a query string with odd escapes appended
-            query[rng.choice(("data", "x", "\u00e9", "%", ""))] = rng.choice(("%", "%zz", "%ff", "+", "&", "=", "\u2028"))
+            name = rng.choice(("data", "x", "\u00e9", "%", ""))
+            query[name] = rng.choice(("%", "%zz", "%ff", "+", "&", "=", "\u2028"))
         return query, body
 
     def transport(self, rng, method, target, headers, body):
@@ -3074,7 +3081,8 @@ class TestFuzz(unittest.TestCase):
         data = data.lstrip(b"\r\n")
         head = data[:data.find(b"\r\n\r\n")].split(b"\r\n")
         version = head[0].rsplit(b" ", 1)[-1]
-        codings = b"".join(line.split(b":", 1)[1] for line in head[1:] if line.lower().startswith(b"transfer-encoding:"))
+        codings = b"".join(line.split(b":", 1)[1] for line in head[1:]
+                           if line.lower().startswith(b"transfer-encoding:"))
         return (status == 501 and codings.strip().lower() not in (b"", b"chunked")) or (
             status == 505 and version[:5] == b"HTTP/" and version[5:6] not in (b"0", b"1"))
 
@@ -3134,7 +3142,8 @@ class TestFuzz(unittest.TestCase):
                                                                           "connection", "transfer-encoding")},
                       body[:300]) for status, headers, body in answers]
             self.failures.append(
-                f"seed {self.seed} case {case['index']} ({'admin' if case['admin'] else 'main'} fake, route "
+                f"seed {self.seed} case {case['index']} (replay: MIXPANEL_FAKE_FUZZ_SEED={self.seed} "
+                f"MIXPANEL_FAKE_FUZZ_CASES={case['index'] + 1}; {'admin' if case['admin'] else 'main'} fake, route "
                 f"{case['route']}, mutated {case['mutated']}): {'; '.join(problems)}\n"
                 f"  sent {case['sent']}: {case['data'][:300]!r} ({len(case['data'])} bytes)\n  answers: {shown}")
 
@@ -3167,7 +3176,7 @@ class TestFuzz(unittest.TestCase):
                 expected["$import"] = True
             if len(copies) == 1 and "$insert_id" not in sent["properties"]:
                 generated = copies[0]["properties"].get("$insert_id", "")
-                if isinstance(generated, str) and len(generated) == 32 and all(c in "0123456789abcdef" for c in generated):
+                if isinstance(generated, str) and len(generated) == 32 and set(generated) <= set("0123456789abcdef"):
                     expected["$insert_id"] = generated
             if len(copies) != 1 or copies[0] != {"event": sent["event"], "properties": expected}:
                 lost.append(f"event {key} from {endpoint}: sent {sent}, stored {copies}")
@@ -3179,6 +3188,17 @@ class TestFuzz(unittest.TestCase):
             if stored != update["$set"]:
                 lost.append(f"{kind} update {update}: stored {stored}")
         return lost
+
+    def checkpoint(self, lost, totals):
+        lost += self.check_records()
+        totals[0] += len(self.remembered)
+        totals[1] += len(self.remembered_profiles)
+        totals[2] += self.fake.stats()["events"]
+        self.remembered = {}
+        self.remembered_profiles = []
+        self.fake.reset()
+        self.rejected_seen = {}
+        self.events_seen = self.counts()[0]
 
     def test_regression_wait_timeout_nan_is_refused_not_endless(self):
         # float("nan") passed the 0..60 s clamp and the wait never ended.
@@ -3217,6 +3237,8 @@ class TestFuzz(unittest.TestCase):
         self.journal_seen = 0
         self.events_seen = self.counts()[0]
         covered = set()
+        lost: list = []
+        totals = [0, 0, 0]  # events and profile updates checked, events stored
         started = time.monotonic()
         batch = []
         for self.case_index in range(self.cases):
@@ -3236,17 +3258,23 @@ class TestFuzz(unittest.TestCase):
                 self.check_health()
             if len(self.failures) >= 10:
                 break
+            if self.case_index % self.CHECKPOINT == self.CHECKPOINT - 1:
+                # Check the records so far, then start over empty: a long run
+                # stays linear (listings and queries read every stored event).
+                if batch:
+                    self.exchange(self.fake.port, batch, self.check_case)
+                    batch = []
+                self.checkpoint(lost, totals)
         if batch:
             self.exchange(self.fake.port, batch, self.check_case)
         self.check_health()
+        self.checkpoint(lost, totals)
         elapsed = time.monotonic() - started
-        lost = self.check_records()
         ran = self.case_index + 1
         print(f"fuzz: {ran} cases over {len(covered)} routes (seed {self.seed}): {len(self.failures)} failures, "
-              f"{len(lost)} records lost of {len(self.remembered) + len(self.remembered_profiles)} accepted and "
-              f"checked ({len(self.remembered)} events, {len(self.remembered_profiles)} profile updates), "
-              f"{self.fake.stats()['events']} events stored, statuses {dict(sorted(self.statuses.items()))}, "
-              f"{elapsed:.1f} s", file=sys.stderr, flush=True)
+              f"{len(lost)} records lost of {totals[0] + totals[1]} accepted and checked ({totals[0]} events, "
+              f"{totals[1]} profile updates), {totals[2]} events stored, "
+              f"statuses {dict(sorted(self.statuses.items()))}, {elapsed:.1f} s", file=sys.stderr, flush=True)
         self.assertEqual(self.failures, [], "\n".join(self.failures[:5]))
         self.assertEqual(lost, [], "\n".join(lost[:5]))
         if ran >= 2000:
