@@ -5554,7 +5554,8 @@ def _run(argv: list[str] | None = None) -> int:
     program = unittest.main(module=__name__, argv=[sys.argv[0]] + (argv or []),
                             exit=False, verbosity=2)
     result = program.result
-    broken = {id(test) for test, _ in result.failures + result.errors}
+    # A failing subtest reports its own object: count the test it belongs to, once.
+    broken = {id(getattr(test, "test_case", test)) for test, _ in result.failures + result.errors}
     failed = len(broken) + len(result.unexpectedSuccesses)
     skipped = len(result.skipped)
     passed = result.testsRun - len(broken) - len(result.unexpectedSuccesses) - skipped
