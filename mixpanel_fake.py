@@ -205,6 +205,7 @@ _SIMPLIFIED_IDENTITY_ERROR = ("identity events are not allowed when project is u
 # The toolkit (README "Test toolkit").
 _JOURNAL_SIZE = 1000                   # requests kept in the journal by default
 _JOURNAL_BODY = 2000                   # characters of a response body kept per entry
+_JOURNAL_RECORDS = 20000               # decoded records kept across the journal's entries
 _SNAPSHOT_FORMAT = "mixpanel_fake/1"
 _SECRET_PARAMS = frozenset(("api_key", "api_secret", "secret", "sig", "password"))
 # Rate limits, off unless configured: name -> (what is counted, window in s).
@@ -616,6 +617,11 @@ class Store:
         if isinstance(journal_size, bool) or not isinstance(journal_size, int) or journal_size < 1:
             raise ValueError("journal_size must be a whole number, 1 or more")
         self.journal: collections.deque = collections.deque(maxlen=journal_size)
+        # Entries still holding decoded records, oldest first, and how many
+        # records they hold: past _JOURNAL_RECORDS the oldest let theirs go,
+        # so the journal is bounded in memory, not only in entries.
+        self._journal_holding: collections.deque = collections.deque()
+        self._journal_records = 0
         self.journal_seq = 0
         self.reset_seq = 0  # the journal's seq at the last reset
         self.faults: list[dict] = []
@@ -852,6 +858,14 @@ class Store:
             self.journal_seq += 1
             entry["seq"] = self.journal_seq
             self.journal.append(entry)
+            if entry.get("records"):
+                self._journal_holding.append(entry)
+                self._journal_records += len(entry["records"])
+                while self._journal_records > _JOURNAL_RECORDS and len(self._journal_holding) > 1:
+                    oldest = self._journal_holding.popleft()
+                    self._journal_records -= len(oldest["records"])
+                    oldest["records_dropped"] = len(oldest["records"])
+                    oldest["records"] = None
             self._changed_locked()
 
     def add_fault(self, fault: dict) -> int:
@@ -6281,7 +6295,7 @@ def _journal_entry(handler: Any, path: str, query: str, req: _Request | None,
     return {"seq": 0, "time": time.time(), "method": handler.command, "path": path,
             "query": _redacted_query(query), "headers": headers,
             "body_size": len(req.body) if req is not None else 0,
-            "records": req.records if req is not None else None,
+            "records": req.records if req is not None else None, "records_dropped": 0,
             "status": response.status if response is not None else None, "response": shown,
             "duration_ms": round(elapsed, 3), "fault": fault["id"] if fault else None,
             "project": project, "projects": sorted(projects)}

@@ -3382,6 +3382,18 @@ class TestJournal(_ServerTestCase):
             fake.reset()
             self.assertEqual([r["seq"] for r in fake.requests()], [3, 4, 5])
 
+    def test_the_journal_keeps_the_newest_20000_records(self):
+        batch = json.dumps([_event(f"E{i}") for i in range(2000)])
+        with MixpanelFake(journal_size=50) as fake:
+            fake.set_time(T0)
+            for _ in range(12):
+                self.assertEqual(_http("POST", "/track", batch, port=fake.port)[::2], (200, b"1"))
+            entries = fake.requests(path="/track")
+            self.assertEqual([(len(e["records"] or ()), e["records_dropped"]) for e in entries],
+                             [(0, 2000)] * 2 + [(2000, 0)] * 10)
+            self.assertEqual(entries[-1]["records"][1999], _event("E1999"))
+            self.assertEqual(len(fake.events()), 24000)  # only the journal lets go
+
 
 class TestFaults(_ServerTestCase):
 
