@@ -857,6 +857,10 @@ class Store:
         with self.lock:
             self.journal_seq += 1
             entry["seq"] = self.journal_seq
+            if len(self.journal) == self.journal.maxlen:  # the oldest entry goes
+                holding = self._journal_holding
+                if holding and holding[0] is self.journal[0]:
+                    self._journal_records -= len(holding.popleft()["records"])
             self.journal.append(entry)
             if entry.get("records"):
                 self._journal_holding.append(entry)

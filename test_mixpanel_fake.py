@@ -3393,6 +3393,12 @@ class TestJournal(_ServerTestCase):
                              [(0, 2000)] * 2 + [(2000, 0)] * 10)
             self.assertEqual(entries[-1]["records"][1999], _event("E1999"))
             self.assertEqual(len(fake.events()), 24000)  # only the journal lets go
+        with MixpanelFake(journal_size=3) as fake:  # entries that leave the ring take theirs along
+            fake.set_time(T0)
+            for _ in range(5):
+                _http("POST", "/track", batch, port=fake.port)
+            self.assertEqual(fake.store._journal_records, 6000)
+            self.assertEqual([len(e["records"]) for e in fake.requests()], [2000] * 3)
 
 
 class TestFaults(_ServerTestCase):
