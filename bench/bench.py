@@ -180,7 +180,7 @@ class Server:
 
 def fake_server() -> Server:
     return Server([sys.executable, os.path.join(ROOT, "mixpanel_fake.py"), "--port", "0",
-                   "--token", TOKEN, "--api-secret", SECRET] + os.environ.get("BENCH_FAKE_ARGS", "").split())
+                   "--token", TOKEN, "--api-secret", SECRET])
 
 
 def bare_server() -> Server:
