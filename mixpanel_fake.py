@@ -2797,9 +2797,8 @@ _PLAIN_NAMES_MAX = 100_000
 
 
 def _plain_names(props: dict) -> bool:
-    """Whether every name of ``props`` is a short ASCII string."""
-    if _PLAIN_NAMES.issuperset(props):
-        return True
+    """Whether every name of ``props`` is a short ASCII string, learning the
+    new ones (callers first try ``_PLAIN_NAMES.issuperset(props)``)."""
     for name in props:
         if name not in _PLAIN_NAMES:
             if type(name) is not str or len(name) > _MAX_STRING or not name.isascii():
