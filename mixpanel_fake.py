@@ -854,10 +854,12 @@ class Store:
     # --- journal, faults and rate limits --------------------------------------
 
     def log_request(self, entry: dict) -> None:
+        let_go: list = []  # entries and records leaving the journal, freed after the lock
         with self.lock:
             self.journal_seq += 1
             entry["seq"] = self.journal_seq
             if len(self.journal) == self.journal.maxlen:  # the oldest entry goes
+                let_go.append(self.journal[0])
                 holding = self._journal_holding
                 if holding and holding[0] is self.journal[0]:
                     self._journal_records -= len(holding.popleft()["records"])
@@ -869,8 +871,10 @@ class Store:
                     oldest = self._journal_holding.popleft()
                     self._journal_records -= len(oldest["records"])
                     oldest["records_dropped"] = len(oldest["records"])
+                    let_go.append(oldest["records"])
                     oldest["records"] = None
             self._changed_locked()
+        del let_go
 
     def add_fault(self, fault: dict) -> int:
         with self.lock:
@@ -1531,21 +1535,6 @@ class _Headers:
 
     def items(self) -> list[tuple[str, str]]:
         return list(self._items)
-
-    def keys(self) -> list[str]:
-        return [name for name, _ in self._items]
-
-    def values(self) -> list[str]:
-        return [value for _, value in self._items]
-
-    def __getitem__(self, name: str) -> str | None:
-        return self.get(name)
-
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name.lower() in self._index
-
-    def __iter__(self) -> Any:
-        return iter(self.keys())
 
     def __len__(self) -> int:
         return len(self._items)
@@ -2829,13 +2818,8 @@ def _check_properties(props: dict, prefix: str, limits: _Limits) -> dict:
             return props
     changes = None
     for name, value in props.items():
-        if names:
-            kind = type(value)
-            if kind is str:
-                if len(value) <= _MAX_STRING and value.isascii():
-                    continue
-            elif kind is int or kind is float or kind is bool or value is None:
-                continue  # only lists, objects and odd strings need a closer look
+        if names and _plain(value):
+            continue  # only lists, objects and odd strings need a closer look
         field = f"{prefix}{name}"
         new_name = _check_string(name, field)
         new_value = _check_value(value, field, 1, limits)
@@ -3047,8 +3031,7 @@ def _normalize_update(record: Any, kind: str, fallback_token: str | None, now: f
     token = record.get("$token") or fallback_token
     if not isinstance(token, str) or not token:
         raise _Reject("$token", prefix + "$token, missing or empty")
-    if store.strict_auth:
-        _check_token(token, store, None)
+    _check_token(token, store, None)
     ops = []
     try:
         if sized and len(_dumps(record)) >= _MAX_EVENT_BYTES:
@@ -3142,8 +3125,11 @@ def _rejection(endpoint: str, token: str | None, index: int | None, record: Any,
             "dropped": dropped, "stored": stored, "record": record, "time": now}
 
 
-def _record_token(record: Any, kind: str) -> str | None:
-    """The token a (possibly refused) record names, for filing its refusal."""
+def _record_token(record: Any, kind: str | None) -> str | None:
+    """The token a (possibly refused) record names, for filing its refusal;
+    with ``kind`` None, an event's token, else an update's (the journal)."""
+    if kind is None:
+        return _record_token(record, "events") or _record_token(record, "people")
     if not isinstance(record, dict):
         return None
     if kind == "events":
@@ -6285,13 +6271,9 @@ def _journal_entry(handler: Any, path: str, query: str, req: _Request | None,
     project = None
     if req is not None:
         for record in req.records or ():
-            if type(record) is dict:  # inlined `_record_token` of both kinds (a hot loop)
-                props = record.get("properties")
-                token = props.get("token") if type(props) is dict else None
-                if not token or type(token) is not str:
-                    token = record.get("$token")
-                if token and type(token) is str:
-                    projects.add(token)
+            token = _record_token(record, None)
+            if token is not None:
+                projects.add(token)
         store = handler.server.store
         named = _credential_token(store, req) or (None if store.strict_auth else req.param("project"))
         project = named or (next(iter(projects)) if len(projects) == 1 else None)
@@ -7221,9 +7203,7 @@ class MixpanelFake:
                  tls: bool = False, certfile: str | None = None, keyfile: str | None = None,
                  idle_timeout: float = _IDLE_TIMEOUT, max_connections: int = _MAX_CONNECTIONS,
                  save_interval: float | None = None):
-        _check_idle_timeout(idle_timeout)
-        _check_max_connections(max_connections)
-        self.save_interval = _check_save_interval(save_interval)
+        self.save_interval = _check_save_interval(save_interval)  # the server checks the other two
         if save_interval is not None and state_file is None:
             raise ValueError("save_interval needs a state_file")
         self._autosaver: threading.Thread | None = None

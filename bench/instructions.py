@@ -4,7 +4,8 @@
     python bench/instructions.py engage     # one of them
 
 Wall-clock ratios on a shared 2-core machine move by a third from run to run;
-valgrind's callgrind counts instructions, the same on every run, so a change
+valgrind's callgrind counts instructions, the same on every run (with the hash
+seed fixed, as here), so a change
 to the validation loops can be judged in one go.  Each kind runs three
 processes under callgrind: the set-up alone, the set-up plus ``json.loads`` of
 one batch, the set-up plus the fake's handler for that batch (in process, no
@@ -54,7 +55,8 @@ def count(kind: str, what: str, folder: str) -> int:
     out = os.path.join(folder, f"{kind}.{what}.out")
     done = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", python,
                            os.path.abspath(__file__), "--one", kind, what],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=True)
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=True,
+                          env=dict(os.environ, PYTHONHASHSEED="0"))  # the same hashes, the same count
     found = re.search(r"Collected : (\d+)", done.stderr)
     if not found:
         raise RuntimeError(f"callgrind printed no count:\n{done.stderr[-2000:]}")
