@@ -28,6 +28,7 @@ import datetime
 import difflib
 import email.utils
 import functools
+import gc
 import hashlib
 import ipaddress
 import io
@@ -147,6 +148,13 @@ _IDLE_TIMEOUT = 15.0
 # 10), well below a default `ulimit -n` of 1024; past it a new connection gets
 # an immediate 503 from the accepting thread, with no handler thread for it.
 _MAX_CONNECTIONS = 256
+# The standalone server's garbage collector: a collection every 50,000 new
+# containers instead of CPython's 700, and the start-up objects frozen out
+# of it.  A fake that keeps every record it is sent would otherwise walk all
+# of them again every few batches (bench/bench.py measures it); the store
+# makes almost no reference cycles.  An in-process MixpanelFake leaves the
+# test process's collector alone.
+_SERVER_GC_THRESHOLDS = (50_000, 20, 10)
 # A refused connection is read and dropped for up to this long before it is
 # closed, so the client reads the 503 instead of a reset; at most this many.
 _REFUSED_LINGER = 2.0
@@ -586,7 +594,8 @@ class _ProjectState:
 
 # One validated /engage or /groups update, waiting for the lock: a plain
 # tuple (made by the thousand per batch, so no class):
-# (token, key, ops, last_seen, ignore_alias, index, record).
+# (token, key, ops, last_seen, ignore_alias, index, record, set_value), the
+# last the value of a lone `$set` (most updates), else None.
 _Update = tuple
 
 
@@ -765,18 +774,28 @@ class Store:
         Returns how many updates were applied.
         """
         applied = 0
-        token = project = state = None
+        token = table = identity = None
+        max_properties = _MAX_PROFILE_PROPERTIES
         with self.lock:
-            for update_token, key, ops, last_seen, ignore_alias, index, record in updates:
+            for update_token, key, ops, last_seen, ignore_alias, index, record, set_value in updates:
                 if update_token != token:  # a batch is mostly one project's
                     token = update_token
                     project, state = self._project_locked(token)
-                if kind == "people":
-                    table = state.profiles
-                    if project.id_merge == "original" and not ignore_alias:
-                        key = state.identity.resolve(key)
-                else:
-                    table = state.groups
+                    table = state.profiles if kind == "people" else state.groups
+                    original = kind == "people" and project.id_merge == "original"
+                    identity = state.identity if original else None
+                if identity is not None and not ignore_alias:
+                    key = identity.resolve(key)
+                if set_value is not None:
+                    # A lone `$set` (`_apply_ops`, inlined): the profile rebuilt with it.
+                    old = table.get(key)
+                    props = {**old, **set_value} if old is not None else dict(set_value)
+                    if last_seen is not None:
+                        props["$last_seen"] = last_seen
+                    if len(props) <= max_properties:
+                        table[key] = props
+                        applied += 1
+                        continue
                 try:
                     error = _apply_ops(table, key, ops, last_seen)
                 except Exception as exc:  # a bug in the fake: keep going, report it
@@ -792,7 +811,7 @@ class Store:
             self._changed_locked()
         if self.log_sink is not None:
             refused = {id(r["record"]) for r in rejected}
-            for update_token, *_, record in updates:
+            for update_token, *_, record, _ in updates:
                 if id(record) not in refused:
                     self.log_sink(_dumps({"accepted": True, "project": update_token,
                                           "update": record}).decode("utf-8", "replace"))
@@ -1250,12 +1269,13 @@ def _json_equal(a: Any, b: Any) -> bool:
 
 def _json_key(value: Any) -> Any:
     """A hashable key with `_json_equal`'s equality (true apart from 1)."""
-    if isinstance(value, bool):
+    kind = type(value)
+    if kind is str or value is None:
+        return value  # a string is its own key: no other key is a string
+    if kind is bool:
         return ("bool", value)
-    if isinstance(value, (int, float)):
+    if kind is int or kind is float:
         return ("number", value)
-    if isinstance(value, str) or value is None:
-        return value
     return ("json", json.dumps(value, sort_keys=True))
 
 
@@ -1273,7 +1293,8 @@ def _op_add(props: dict, value: dict) -> None:
     # so is a sum no JSON reader could take (beyond a double's range).
     for name, amount in value.items():
         current = props.get(name, 0)
-        if isinstance(current, (int, float)) and not isinstance(current, bool):
+        kind = type(current)
+        if kind is int or kind is float:  # not bool: true is not 1 here
             try:
                 total = current + amount
             except OverflowError:
@@ -1301,9 +1322,10 @@ def _op_union(props: dict, value: dict) -> None:
             merged = list(current)
         else:
             continue
-        seen = {_json_key(item) for item in merged}
+        # Strings are their own keys (`_json_key`): the usual lists, keyed in C.
+        seen = set(merged) if _STRINGS.issuperset(map(type, merged)) else set(map(_json_key, merged))
         for item in items:
-            key = _json_key(item)
+            key = item if type(item) is str else _json_key(item)
             if key not in seen:
                 seen.add(key)
                 merged.append(item)
@@ -1359,7 +1381,8 @@ def _apply_ops(table: dict, key: Any, ops: list[tuple[str, Any]],
             props.update(value)  # `_op_set`, inlined: most updates are one $set
         else:
             _PROFILE_OPS[op](props, value)
-            listy = listy or op == "$append" or op == "$union"
+            if op == "$append" or op == "$union":
+                listy = True
         touched = True
     if props is None:
         table.pop(key, None)
@@ -1614,7 +1637,7 @@ class _Request:
     """One decoded HTTP request, as handlers see it."""
 
     __slots__ = ("method", "path", "query", "headers", "body", "raw", "is_json", "client", "records",
-                 "raw_path", "cleanup", "credentials")
+                 "raw_path", "cleanup", "credentials", "plain_text", "record_kind")
 
     def __init__(self, method: str, path: str, query: str, headers: Any,
                  body: bytes, client: str = ""):
@@ -1622,9 +1645,11 @@ class _Request:
         self.path = path
         self.query = query
         self.records: list | None = None  # what the handler decoded, for the journal
+        self.record_kind: str | None = None  # "events", "people" or "groups": where records name a token
         self.raw_path = path  # as the client wrote it (plumbing sets it)
         self.cleanup: list[Callable[[], None]] = []  # run once the answer is sent
         self.credentials: Any = _UNKNOWN  # `_credential_token`'s answer, once asked
+        self.plain_text = False  # `_read_records`: its JSON held only ASCII strings
         self.headers = headers
         self.body = body
         self.client = client
@@ -1751,13 +1776,15 @@ def _loads(text: str) -> Any:
 
 def _decode_data(raw: str) -> Any:
     """Decode a ``data=`` value: URL-encoded JSON, or (URL-encoded) base64 JSON."""
+    return _loads_data(*_data_text(raw))
+
+
+def _data_text(raw: str) -> tuple[str, bool]:
+    """The JSON text of a ``data=`` value, and whether it came as base64."""
     # Invalid UTF-8 survives as lone surrogates, refused per field later.
     text = _unquote(raw, errors="surrogateescape").strip()
     if text[:1] in ("{", "["):
-        try:
-            return _loads(text)
-        except ValueError as exc:
-            raise _PayloadError(f"data, invalid JSON: {exc}") from None
+        return text, False
     # Base64 has no spaces: a '+' left raw (Node batches, PHP) is a '+'.
     b64 = _unquote(raw, plus=False).strip().replace(" ", "+")
     b64 += "=" * (-len(b64) % 4)
@@ -1767,10 +1794,21 @@ def _decode_data(raw: str) -> Any:
         decoded = base64.b64decode(b64.replace("-", "+").replace("_", "/"), validate=True)
     except (binascii.Error, ValueError):
         raise _PayloadError("data, neither JSON nor base64-encoded JSON") from None
+    return decoded.decode("utf-8", "surrogateescape"), True
+
+
+def _loads_data(text: str, base64_encoded: bool) -> Any:
     try:
-        return _loads(decoded.decode("utf-8", "surrogateescape"))
+        return _loads(text)
     except ValueError as exc:
-        raise _PayloadError(f"data, invalid JSON in base64 payload: {exc}") from None
+        where = " in base64 payload" if base64_encoded else ""
+        raise _PayloadError(f"data, invalid JSON{where}: {exc}") from None
+
+
+def _plain_text(text: str) -> bool:
+    """Whether every string decoded from this JSON text is ASCII (no byte
+    above 127 and no \\u escape), so no string needs the UTF-8 check."""
+    return text.isascii() and "\\u" not in text
 
 
 def _read_records(req: _Request, ndjson: bool) -> tuple[list, str]:
@@ -1800,7 +1838,9 @@ def _read_records(req: _Request, ndjson: bool) -> tuple[list, str]:
         raw = req.raw.get("data")
         if not raw:
             raise _PayloadError("data, missing or empty")
-        value = _decode_data(raw)
+        text, base64_encoded = _data_text(raw)
+        value = _loads_data(text, base64_encoded)
+    req.plain_text = _plain_text(text)
     if isinstance(value, dict):
         return [value], dialect
     if not isinstance(value, list):
@@ -2720,6 +2760,8 @@ def _json_size_bound(value: Any) -> int | None:
     """An upper bound on the length of ``_dumps(value)`` for a flat list or
     object of plain values, or None (then it is measured).  Each character
     of a string costs at most 6 bytes (a ``\\u00XX`` escape)."""
+    if type(value) is list and _STRINGS.issuperset(map(type, value)):
+        return 2 + 6 * sum(map(len, value)) + 3 * len(value)  # a list of strings, in C
     size = 2
     for item in (value if type(value) is list else itertools.chain.from_iterable(value.items())):
         kind = type(item)
@@ -3018,6 +3060,147 @@ def _id_text(value: Any) -> str | None:
     return None
 
 
+# The quick path for plain profile updates (`_normalize_updates`).  A record's
+# names, in order, are its shape: a batch reuses a few, so one dict lookup
+# per record tells its operators.  Bounded, like `_PLAIN_NAMES`.
+_SHAPES: dict = {}
+_SHAPES_MAX = 10_000
+_MODIFIERS = frozenset(("$time", "$ignore_time", "$ignore_alias"))
+# The value types an operator's properties may have with no rule to apply
+# (strings only up to 255 characters); `$add` takes numbers (not booleans).
+_SCALARS = frozenset((str, int, float, bool, type(None)))
+_STRINGS = frozenset((str,))
+_NUMBERS = frozenset((int, float))
+_SCALAR_OPS = frozenset(("$set", "$set_once", "$append", "$remove"))  # objects of _SCALARS
+
+
+def _learn_shape(shape: tuple) -> tuple | None:
+    """What the quick path needs of a record shape: (its operators, each
+    with whether its value is an object of scalars, checked inline, rather
+    than by `_quick_value`; whether it has modifiers; whether it is a lone
+    `$set`), or None when the full path must decide."""
+    if "$token" not in shape or "$distinct_id" not in shape or "$delete" in shape:
+        return None
+    ops = tuple((name, name in _SCALAR_OPS) for name in shape if name in _PEOPLE_OP_SET)
+    known = (ops, not _MODIFIERS.isdisjoint(shape), ops == (("$set", True),)) if ops else None
+    if len(_SHAPES) < _SHAPES_MAX:
+        _SHAPES[shape] = known
+    return known
+
+
+def _quick_value(op: str, value: Any) -> bool:
+    """Whether an operator's value needs no rule applied: what `_check_op`
+    would return unchanged.  (`_normalize_updates` inlines the common case,
+    an object of short scalars.)"""
+    if op == "$unset":
+        return type(value) is list and bool(value) and _quick_items(value, _STRINGS)
+    if type(value) is not dict or not (_PLAIN_NAMES.issuperset(value) or _plain_names(value)):
+        return False
+    if op == "$union":
+        for items in value.values():
+            if type(items) is not list or not items or not _quick_items(items, _SCALARS) \
+                    or not _fits(items, _MAX_PROFILE_COLLECTION_BYTES):
+                return False
+        return True
+    return _quick_items(value.values(), _NUMBERS if op == "$add" else _SCALARS)
+
+
+
+def _quick_items(items: Any, kinds: frozenset) -> bool:
+    """Whether each item's type is one of ``kinds``, and each string short."""
+    for item in items:
+        kind = type(item)
+        if kind not in kinds or (kind is str and len(item) > _MAX_STRING):
+            return False
+    return True
+
+
+def _normalize_updates(records: list, kind: str, fallback: str | None, now: float, sized: bool,
+                       store: Store, endpoint: str, plain: bool) -> tuple[list, list[dict], int]:
+    """Check a batch of updates in order: (the updates, their refusals, how
+    many were dropped).
+
+    A batch whose JSON is plain (`_plain_text`), not near the size limit,
+    with strict auth off, takes a quick path for the updates the SDKs send:
+    a `$token`, a `$distinct_id` and operators whose values no rule changes
+    or refuses.  Anything else goes through `_normalize_update`, which the
+    quick path agrees with (a test holds them to it).
+    """
+    now_iso = _iso_seconds(now)  # the `$last_seen` of updates that give no `$time`
+    updates: list = []
+    rejected: list[dict] = []
+    dropped = 0
+    quick = plain and kind == "people" and not sized and not store.strict_auth
+    # Locals for the loop below, run once per record: names it reads often.
+    shapes, max_string, plain_names, scalars, kind_of = _SHAPES, _MAX_STRING, _PLAIN_NAMES, _SCALARS, type
+    for index, record in enumerate(records):
+        if quick and kind_of(record) is dict:
+            shape = tuple(record)
+            known = shapes.get(shape, _UNKNOWN)
+            if known is _UNKNOWN:
+                known = _learn_shape(shape)
+            if known is not None:
+                token = record["$token"]
+                key = record["$distinct_id"]
+                if kind_of(token) is str and token and kind_of(key) is str and 0 < len(key) <= max_string:
+                    ops = []
+                    for op, inline in known[0]:
+                        value = record[op]
+                        if not inline or kind_of(value) is not dict:
+                            if not _quick_value(op, value):
+                                break
+                        elif plain_names.issuperset(value) or _plain_names(value):
+                            # `_quick_value`, inlined for an object of short scalars
+                            for item in value.values():
+                                item_kind = kind_of(item)
+                                if item_kind is str:
+                                    if len(item) > max_string:
+                                        break
+                                elif item_kind not in scalars:
+                                    break
+                            else:
+                                ops.append((op, value))
+                                continue
+                            break
+                        else:
+                            break
+                        ops.append((op, value))
+                    else:
+                        if known[1]:
+                            last_seen, ignore_alias = (_last_seen(record, now, now_iso),
+                                                       _flag(record.get("$ignore_alias")))
+                        else:
+                            last_seen, ignore_alias = now_iso, False
+                        updates.append((token, key, ops, last_seen, ignore_alias, index, record,
+                                        ops[0][1] if known[2] else None))
+                        continue
+        try:
+            updates.append(_normalize_update(record, kind, fallback, now, index, sized, store, now_iso))
+        except _Reject as reject:
+            token = _record_token(record, kind) or fallback
+            rejected.append(_rejection(endpoint, token, index, record, reject, now))
+        except _Ignored as drop:
+            dropped += 1
+            rejected.append(_rejection(endpoint, _record_token(record, kind) or fallback, index, record,
+                                       _Reject(None, str(drop)), now, dropped=True))
+    return updates, rejected, dropped
+
+
+def _last_seen(record: dict, now: float, now_iso: str | None) -> str | None:
+    """A profile update's `$last_seen`: its `$time`, else its arrival; none
+    with `$ignore_time` (D-profiles)."""
+    if _flag(record.get("$ignore_time")):
+        return None
+    if "$time" in record:
+        try:
+            last_seen = _iso_seconds(_normalize_time(record["$time"]))
+        except ValueError:
+            last_seen = None
+        if last_seen is not None:
+            return last_seen
+    return now_iso or _iso_seconds(now)
+
+
 def _normalize_update(record: Any, kind: str, fallback_token: str | None, now: float,
                       index: int, sized: bool, store: Store, now_iso: str | None = None) -> _Update:
     """One /engage or /groups update, checked, or `_Reject` saying why not.
@@ -3064,19 +3247,9 @@ def _normalize_update(record: Any, kind: str, fallback_token: str | None, now: f
         raise _Reject(reject.field, prefix + reject.message) from None
     if not ops:
         raise _Reject(None, prefix + "no operation: expected one of " + ", ".join(allowed))
-    last_seen = None
-    ignore_time = record.get("$ignore_time")
-    if kind == "people" and not (ignore_time is True or ignore_time == "true"):  # `_flag`, inlined
-        # `$last_seen` is the time of the update: its `$time`, else arrival.
-        if "$time" in record:
-            try:
-                last_seen = _iso_seconds(_normalize_time(record["$time"]))
-            except ValueError:
-                last_seen = None
-        if last_seen is None:
-            last_seen = now_iso or _iso_seconds(now)
-    ignore_alias = record.get("$ignore_alias")
-    return (token, key, ops, last_seen, ignore_alias is True or ignore_alias == "true", index, record)
+    last_seen = _last_seen(record, now, now_iso) if kind == "people" else None
+    set_value = ops[0][1] if len(ops) == 1 and ops[0][0] == "$set" else None
+    return (token, key, ops, last_seen, _flag(record.get("$ignore_alias")), index, record, set_value)
 
 
 def _flag(value: Any) -> bool:
@@ -3125,11 +3298,9 @@ def _rejection(endpoint: str, token: str | None, index: int | None, record: Any,
             "dropped": dropped, "stored": stored, "record": record, "time": now}
 
 
-def _record_token(record: Any, kind: str | None) -> str | None:
-    """The token a (possibly refused) record names, for filing its refusal;
-    with ``kind`` None, an event's token, else an update's (the journal)."""
-    if kind is None:
-        return _record_token(record, "events") or _record_token(record, "people")
+def _record_token(record: Any, kind: str) -> str | None:
+    """The token a (possibly refused) record names, for filing its refusal:
+    an event's `properties.token`, an update's `$token`."""
     if not isinstance(record, dict):
         return None
     if kind == "events":
@@ -3224,7 +3395,7 @@ def _ingest_events(store: Store, req: _Request, endpoint: str) -> _Response:
         # Strict auth: /import needs a configured project's credentials.
         _refuse_request(store, req, endpoint, "Invalid credentials")
         return _import_failure(401, "Invalid credentials")
-    req.records = records
+    req.records, req.record_kind = records, "events"
     project = batch.fallback or _record_token(records[0] if records else None, "events")
     limited = _rate_limited(store, project, "events", len(records))
     if limited is not None:
@@ -3345,21 +3516,9 @@ def _ingest_profiles(store: Store, req: _Request, kind: str, endpoint: str) -> _
         return _ingest_answer(req, False, _too_many(len(records)), status=413)
     fallback = _credential_token(store, req)
     sized = len(req.body) + len(req.raw.get("data") or "") >= _MAX_EVENT_BYTES
-    now_iso = _iso_seconds(now)  # the `$last_seen` of updates that give no `$time`
-    req.records = records
-    updates = []
-    rejected: list[dict] = []
-    dropped = 0
-    for index, record in enumerate(records):
-        try:
-            updates.append(_normalize_update(record, kind, fallback, now, index, sized, store, now_iso))
-        except _Reject as reject:
-            token = _record_token(record, kind) or fallback
-            rejected.append(_rejection(endpoint, token, index, record, reject, now))
-        except _Ignored as drop:
-            dropped += 1
-            rejected.append(_rejection(endpoint, _record_token(record, kind) or fallback, index, record,
-                                       _Reject(None, str(drop)), now, dropped=True))
+    req.records, req.record_kind = records, kind
+    updates, rejected, dropped = _normalize_updates(records, kind, fallback, now, sized, store,
+                                                    endpoint, req.plain_text)
     applied = store.apply_profile_updates(kind, updates, rejected, endpoint, now) + dropped
     failed = sorted((r for r in rejected if not r["dropped"]), key=_by_index)
     error = failed[0]["reason"] if failed else "no records in the request"
@@ -6270,10 +6429,7 @@ def _journal_entry(handler: Any, path: str, query: str, req: _Request | None,
     projects: set = set()
     project = None
     if req is not None:
-        for record in req.records or ():
-            token = _record_token(record, None)
-            if token is not None:
-                projects.add(token)
+        projects = _named_tokens(req.records, req.record_kind)
         store = handler.server.store
         named = _credential_token(store, req) or (None if store.strict_auth else req.param("project"))
         project = named or (next(iter(projects)) if len(projects) == 1 else None)
@@ -6284,6 +6440,26 @@ def _journal_entry(handler: Any, path: str, query: str, req: _Request | None,
             "status": response.status if response is not None else None, "response": shown,
             "duration_ms": round(elapsed, 3), "fault": fault["id"] if fault else None,
             "project": project, "projects": sorted(projects)}
+
+
+def _named_tokens(records: list | None, kind: str | None) -> set:
+    """The tokens records name (`_record_token`), for the journal's
+    `projects`: read in C when every record names one the usual way."""
+    if not records or kind is None:
+        return set()
+    try:
+        if kind == "events":
+            tokens = set(map(_TOKEN_OF, map(_PROPERTIES_OF, records)))
+        else:
+            tokens = set(map(_DOLLAR_TOKEN_OF, records))
+    except (KeyError, TypeError, IndexError):
+        tokens = {_record_token(record, kind) for record in records}
+    return {token for token in tokens if isinstance(token, str) and token}
+
+
+_TOKEN_OF = operator.itemgetter("token")
+_PROPERTIES_OF = operator.itemgetter("properties")
+_DOLLAR_TOKEN_OF = operator.itemgetter("$token")
 
 
 def _accepts_gzip(header: str) -> bool:
@@ -7736,6 +7912,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mixpanel_fake: warning: bound to {args.host}, reachable beyond this machine; "
               "it accepts any credentials", file=sys.stderr, flush=True)
     signal.signal(signal.SIGTERM, _stop_on_signal)  # a clean exit saves the state file
+    gc.freeze()
+    gc.set_threshold(*_SERVER_GC_THRESHOLDS)
     autosaver = _autosave(store, args.state_file, args.save_interval) if args.save_interval else None
     try:
         server.serve_forever()

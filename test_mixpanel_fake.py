@@ -704,6 +704,152 @@ def _post(path, records, query=""):
         return status, body.decode()
 
 
+class TestQuickPaths(unittest.TestCase):
+    """Issue 7: the quick paths taken for speed give exactly what the full
+    paths give.  `_normalize_updates` checks plain batches (ASCII JSON) in
+    one pass; every update it takes must equal `_normalize_update`'s, and
+    every refusal the full path's."""
+
+    TOKEN = "quick-tok"
+    SCALARS = ("x", "", "y" * 255, "z" * 256, "w" * 300, 0, -7, 2 ** 53, 10 ** 400, 1.5, -0.25, True,
+               False, None)
+    CONTAINERS = ([], {}, ["a"], ["a", "a", 1], [1, True, 1.0], [None], [["n"]], [{"d": 1}],
+                  {"k": "v"}, {"k": ["v"]}, ["y" * 300], list(range(300)))
+    NAMES = ("plan", "$email", "n" * 255, "m" * 256, "", "tags")
+    OPS = ("$set", "$set_once", "$add", "$append", "$union", "$remove", "$unset", "$delete")
+    MODIFIERS = ({}, {"$time": 1764547200}, {"$time": 1764547200123}, {"$time": "soon"},
+                 {"$ignore_time": True}, {"$ignore_time": "true"}, {"$ignore_alias": True},
+                 {"$ip": "1.2.3.4"}, {"unknown": 1})
+
+    def setUp(self):
+        self.store = mixpanel_fake.Store([mixpanel_fake.Project(self.TOKEN)])
+        self.now = 1764547200.5
+
+    def both(self, records, kind="people", fallback=None):
+        results = [mixpanel_fake._normalize_updates(records, kind, fallback, self.now, False, self.store,
+                                                    "/engage", plain) for plain in (True, False)]
+        self.assertEqual(results[0], results[1])
+        return results[0]
+
+    def random_value(self, rng):
+        pick = rng.random()
+        if pick < 0.55:
+            return rng.choice(self.SCALARS)
+        if pick < 0.8:
+            return rng.choice(self.CONTAINERS)
+        return {rng.choice(self.NAMES): rng.choice(self.SCALARS) for _ in range(rng.randrange(3))}
+
+    def random_update(self, rng):
+        if rng.random() < 0.5:  # the usual update, one thing in it perhaps odd
+            op = rng.choice(self.OPS[:7])
+            if op == "$unset":
+                value = rng.choice((["a"], ["a", "b"], ["n" * 256]))
+            elif op == "$union":
+                value = {"tags": rng.choice((["a", "b"], ["a", "a"], [1, True], ["w" * 300], []))}
+            elif op == "$add":
+                value = {"n": rng.choice((1, -2.5, 10 ** 400, True, "1", None))}
+            else:
+                value = {"plan": "pro", "seats": rng.choice(self.SCALARS), "k": rng.choice(self.SCALARS)}
+            return dict({"$token": self.TOKEN, "$distinct_id": rng.choice(("u1", "u2", "u3")), op: value},
+                        **rng.choice(self.MODIFIERS))
+        record = {}
+        if rng.random() < 0.9:
+            record["$token"] = rng.choice((self.TOKEN, self.TOKEN, "", None, 7, "other"))
+        if rng.random() < 0.9:
+            record["$distinct_id"] = rng.choice(("u1", "u2", "", None, 42, 1.5, True, "d" * 256, "d" * 255,
+                                                 "null", "undefined"))
+        for op in rng.sample(self.OPS, rng.randrange(1, 3)):
+            if op == "$unset":
+                record[op] = rng.choice((["a"], ["a", "b"], [], "a", [1], ["n" * 256], None))
+            elif op == "$delete":
+                record[op] = rng.choice(("", None, True))
+            elif rng.random() < 0.85:
+                record[op] = {rng.choice(self.NAMES): self.random_value(rng)
+                              for _ in range(rng.randrange(1, 5))}
+            else:
+                record[op] = self.random_value(rng)
+        record.update(rng.choice(self.MODIFIERS))
+        return record
+
+    def test_random_updates_take_the_same_path(self):
+        rng = random.Random(7)
+        records = [self.random_update(rng) for _ in range(3000)]
+        records += [rng.choice(("a", 1, None, [], [{"$set": {}}])) for _ in range(20)]
+        rng.shuffle(records)
+        text = json.dumps(records)
+        self.assertTrue(mixpanel_fake._plain_text(text))
+        with unittest.mock.patch.object(mixpanel_fake, "_normalize_update",
+                                        wraps=mixpanel_fake._normalize_update) as full:
+            updates, rejected, dropped = self.both(json.loads(text))
+        # The corpus reaches the quick path, the full one, and refusals:
+        # counts of this seeded corpus.
+        quick = len(records) - (full.call_count - len(records))  # the full run calls it for all
+        self.assertEqual((len(updates), len(rejected), dropped, quick), (1575, 1445, 0, 1041))
+
+    def test_the_usual_updates_are_taken_whole(self):
+        records = [{"$token": self.TOKEN, "$distinct_id": "u1", "$set": {"plan": "pro", "seats": 3}},
+                   {"$token": self.TOKEN, "$distinct_id": "u1", "$add": {"n": 1, "spent": 2.5}},
+                   {"$token": self.TOKEN, "$distinct_id": "u1", "$union": {"tags": ["a", "b"]}},
+                   {"$token": self.TOKEN, "$distinct_id": "u1", "$unset": ["coupon"],
+                    "$time": 1764547200123}]
+        updates, rejected, _ = self.both(records)
+        self.assertEqual(rejected, [])
+        now = "2025-12-01T00:00:00"
+        self.assertEqual(updates, [
+            (self.TOKEN, "u1", [("$set", {"plan": "pro", "seats": 3})], now, False, 0, records[0],
+             {"plan": "pro", "seats": 3}),
+            (self.TOKEN, "u1", [("$add", {"n": 1, "spent": 2.5})], now, False, 1, records[1], None),
+            (self.TOKEN, "u1", [("$union", {"tags": ["a", "b"]})], now, False, 2, records[2], None),
+            (self.TOKEN, "u1", [("$unset", ["coupon"])], "2025-12-01T00:00:00", False, 3, records[3], None)])
+
+    def test_strict_auth_and_big_batches_take_the_full_path(self):
+        records = [{"$token": "nobody", "$distinct_id": "u1", "$set": {"a": 1}}]
+        self.store.strict_auth = True
+        updates, rejected, dropped = self.both(records)
+        self.assertEqual((updates, dropped), ([], 1))
+        self.assertIn("unknown project token", rejected[0]["reason"])
+
+    def test_plain_text(self):
+        self.assertTrue(mixpanel_fake._plain_text('[{"a": "b\\n\\"c"}]'))
+        self.assertFalse(mixpanel_fake._plain_text('[{"a": "caf\\u00e9"}]'))
+        self.assertFalse(mixpanel_fake._plain_text('[{"a": "café"}]'))
+        self.assertFalse(mixpanel_fake._plain_text('"\\ud800"'))
+
+    def test_non_ascii_batches_are_checked_in_full_over_http(self):
+        with MixpanelFake(projects=[Project(self.TOKEN)]) as fake:
+            long = "é" * 300
+            body = json.dumps([{"$token": self.TOKEN, "$distinct_id": "u1", "$set": {"name": long}},
+                               {"$token": self.TOKEN, "$distinct_id": "u2", "$set": {"s": "\ud800"}}])
+            status, _, answer = _http("POST", "/engage?verbose=1", body.encode(),
+                                      {"Content-Type": "application/json"}, port=fake.port)
+            self.assertEqual((status, json.loads(answer)["status"]), (200, 1))
+            self.assertEqual(fake.profile("u1", project=self.TOKEN)["name"], "é" * 255)
+            self.assertIsNone(fake.profile("u2", project=self.TOKEN))
+            (refused,) = fake.rejected(project=self.TOKEN)
+            self.assertEqual(refused["reason"], "Engage API error: $set.s is invalid: string should be valid utf8")
+
+    def test_journal_projects_read_in_c_match_the_record_tokens(self):
+        cases = [([{"$token": "a"}, {"$token": "b"}, {"$token": "a"}], "people", {"a", "b"}),
+                 ([{"$token": "a"}, {"x": 1}, 5, {"$token": ""}, {"$token": ["l"]}], "people", {"a"}),
+                 ([{"properties": {"token": "e"}}, {"properties": {"token": "f"}}], "events", {"e", "f"}),
+                 ([{"properties": {"token": "e"}}, {"properties": []}, {"properties": "s"}, "r",
+                   {"properties": {"token": {"d": 1}}}], "events", {"e"}),
+                 ([{"$token": "a"}], None, set()), (None, "people", set()), ([], "events", set())]
+        for records, kind, expected in cases:
+            with self.subTest(records=records, kind=kind):
+                self.assertEqual(mixpanel_fake._named_tokens(records, kind), expected)
+                if records and kind:
+                    self.assertEqual({t for t in (mixpanel_fake._record_token(r, kind) for r in records) if t},
+                                     expected)
+
+    def test_size_bound_of_string_lists_is_the_general_one(self):
+        for value in (["a", "bc", ""], [], ["é" * 10, "x"]):
+            with self.subTest(value=value):
+                general = 2 + sum(6 * len(item) + 3 for item in value)
+                self.assertEqual(mixpanel_fake._json_size_bound(value), general)
+                self.assertLessEqual(len(mixpanel_fake._dumps(value)), general)
+
+
 class TestValidation(_ServerTestCase):
     """Each row: (rule and source, path, event, stored?, refusal field and reason)."""
 
