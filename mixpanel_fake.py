@@ -203,6 +203,9 @@ _PLACEHOLDER_IDS = frozenset((
     "00000000-0000-0000-0000-000000000000", "anon", "anonymous", "nil", "none", "null",
     "n/a", "na", "undefined", "unknown", "<nil>", "0", "-1", "true", "false", "[]", "{}",
     "lmy47d"))
+# Only a string of one of these lengths can be a placeholder (lowercasing
+# keeps the length of every string that lowercases to ASCII).
+_PLACEHOLDER_LENGTHS = frozenset(map(len, _PLACEHOLDER_IDS))
 _INSERT_ID_RE = re.compile(r"[A-Za-z0-9-]{1,36}")  # used with fullmatch
 _UUID4_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", re.I)
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
@@ -598,6 +601,12 @@ class _ProjectState:
 # last the value of a lone `$set` (most updates), else None.
 _Update = tuple
 
+# Read in C over a batch's records (`Store.add_events`, `_named_tokens`).
+_FIRST = operator.itemgetter(0)
+_SECOND = operator.itemgetter(1)
+_EVENT_NAME = operator.itemgetter("event")
+_PROPERTIES_OF = operator.itemgetter("properties")
+
 
 class Store:
     """All projects and their state behind one lock.
@@ -718,7 +727,21 @@ class Store:
         """
         dropped: list = []  # trimmed-off events, freed after the lock is let go
         with self.lock:
-            for token, event in accepted:
+            token = accepted[0][0] if accepted else None
+            project, state = self._project_locked(token) if token is not None else (None, None)
+            if (token is not None and self.max_events is None and len(set(map(_FIRST, accepted))) == 1
+                    and _IDENTITY_EVENTS.isdisjoint(map(_EVENT_NAME, map(_SECOND, accepted)))
+                    and not any(map(operator.contains, map(_PROPERTIES_OF, map(_SECOND, accepted)),
+                                    itertools.repeat("$user_id")))):
+                # The usual batch, stored in C: one project's events, none an
+                # identity event or with a `$user_id` (so no identity pair).
+                state.events.extend(map(_SECOND, accepted))
+                state.event_ids.extend(range(self._next_id, self._next_id + len(accepted)))
+                self._next_id += len(accepted)
+                accepted_one_by_one = ()
+            else:
+                accepted_one_by_one = accepted
+            for token, event in accepted_one_by_one:
                 project, state = self._project_locked(token)
                 props = event["properties"]
                 if event["event"] in _IDENTITY_EVENTS or (
@@ -1808,7 +1831,7 @@ def _loads_data(text: str, base64_encoded: bool) -> Any:
 def _plain_text(text: str) -> bool:
     """Whether every string decoded from this JSON text is ASCII (no byte
     above 127 and no \\u escape), so no string needs the UTF-8 check."""
-    return text.isascii() and "\\u" not in text
+    return text.isascii() and ("\\" not in text or "\\u" not in text)  # memchr first
 
 
 def _read_records(req: _Request, ndjson: bool) -> tuple[list, str]:
@@ -2697,18 +2720,29 @@ def _iso_second(second: int) -> str:
 class _Batch:
     """What every record of one ingestion request shares."""
 
-    __slots__ = ("store", "endpoint", "now", "host", "fallback", "strict", "sized")
+    __slots__ = ("store", "endpoint", "now", "host", "fallback", "strict", "sized", "plain", "added",
+                 "times")
 
     def __init__(self, store: Store, req: _Request, endpoint: str, strict: bool):
         self.store = store
         self.endpoint = endpoint
-        self.now = store.now()
+        self.now = now = store.now()
         self.host = req.host
         self.fallback = _credential_token(store, req)
         self.strict = strict
         # No event can reach the per-event size limit in a smaller body, so
         # only big bodies pay for measuring each event.
         self.sized = len(req.body) + len(req.raw.get("data") or "") >= _MAX_EVENT_BYTES
+        self.plain = req.plain_text  # every string ASCII: no UTF-8 checks
+        # Properties Mixpanel adds on ingestion (D-reserved, default properties).
+        now_ms = round(now * 1000)
+        self.added = {"$mp_api_endpoint": req.host, "$mp_api_timestamp_ms": now_ms,
+                      "mp_processing_time_ms": now_ms}
+        if endpoint == "/import":
+            self.added["$import"] = True
+        # Whole seconds in this range are kept as sent (`_normalize_event_time`).
+        self.times = ((math.ceil(now - _TRACK_MAX_AGE), math.floor(now)) if endpoint == "/track" else
+                      (_IMPORT_MIN_TIME, min(math.floor(now + _IMPORT_MAX_AHEAD), int(_MS_THRESHOLD) - 1)))
 
 
 class _Ignored(Exception):
@@ -2839,8 +2873,9 @@ def _plain_names(props: dict) -> bool:
     return True
 
 
-def _check_properties(props: dict, prefix: str, limits: _Limits) -> dict:
-    """Truncate names and strings, refuse what breaks a limit (ingestion-api.md §11)."""
+def _check_properties(props: dict, prefix: str, limits: _Limits, ascii_only: bool = False) -> dict:
+    """Truncate names and strings, refuse what breaks a limit (ingestion-api.md §11).
+    ``ascii_only``: the batch's JSON was `_plain_text`, so every string is ASCII."""
     # The common case first, in one tight loop: names known plain, values
     # short ASCII strings, numbers, booleans, nulls, empty lists and objects:
     # nothing to cut or refuse.
@@ -2849,12 +2884,9 @@ def _check_properties(props: dict, prefix: str, limits: _Limits) -> dict:
         for value in props.values():
             kind = type(value)
             if kind is str:
-                if len(value) > _MAX_STRING or not value.isascii():
+                if len(value) > _MAX_STRING or not (ascii_only or value.isascii()):
                     break
-            elif kind is list or kind is dict:
-                if value:
-                    break
-            elif kind is not int and kind is not float and kind is not bool and value is not None:
+            elif kind not in _NON_STRINGS and ((kind is not list and kind is not dict) or value):
                 break
         else:
             return props
@@ -2895,7 +2927,7 @@ def _check_id(props: dict, field: str) -> None:
     text = value if type(value) is str else _id_text(value)
     if text is None:
         raise _invalid(f"properties.{field}", "must be a string")
-    if text.lower() in _PLACEHOLDER_IDS:
+    if len(text) in _PLACEHOLDER_LENGTHS and text.lower() in _PLACEHOLDER_IDS:
         raise _invalid(f"properties.{field}", f"{text!r} is a placeholder, not an id")
 
 
@@ -2926,19 +2958,22 @@ def _normalize_event(record: Any, batch: _Batch) -> tuple[str, dict]:
     token = props.get("token") or batch.fallback
     if not isinstance(token, str) or not token:
         raise _Reject("properties.token", "token, missing or empty")
-    _check_token(token, batch.store, batch.fallback if batch.endpoint == "/import" else None)
+    if batch.store.strict_auth:
+        _check_token(token, batch.store, batch.fallback if batch.endpoint == "/import" else None)
     if props.get("$ignore") not in (None, False):
         raise _Ignored("$ignore is set: Mixpanel drops the event")  # D-bot, D-reserved
     if batch.sized and len(_dumps(record)) >= _MAX_EVENT_BYTES:
         raise _Reject(None, "event is invalid: must be smaller than 1MB of uncompressed JSON")
     if len(props) >= _MAX_PROPERTIES:
         raise _invalid("properties", f"must have fewer than {_MAX_PROPERTIES} properties")
-    props = _check_properties(props, "properties.", _EVENT_LIMITS)
+    props = _check_properties(props, "properties.", _EVENT_LIMITS, batch.plain)
     if not name.isascii() and _SURROGATE_RE.search(name):
         raise _Reject("event", "event is invalid: string should be valid utf8")
     project = batch.store.projects.get(token)  # a dict read; no lock needed
     original = project is not None and project.id_merge == "original"
-    _normalize_event_time(props, batch)
+    ts = props.get("time")
+    if type(ts) is not int or not batch.times[0] <= ts <= batch.times[1]:  # else kept as sent
+        _normalize_event_time(props, batch)
     if original:
         _check_identity_event(name, props, batch)
     else:
@@ -2953,20 +2988,16 @@ def _normalize_event(record: Any, batch: _Batch) -> tuple[str, dict]:
             raise _invalid("properties.$insert_id", "must not be missing")
         # R-dedup: a generated id, so the event is never merged with another.
         props["$insert_id"] = os.urandom(16).hex()
-    elif not isinstance(insert_id, str) or not _INSERT_ID_RE.fullmatch(insert_id):
+    elif not isinstance(insert_id, str) or not (
+            (len(insert_id) <= 36 and insert_id.isalnum() and insert_id.isascii())  # the usual id
+            or _INSERT_ID_RE.fullmatch(insert_id)):
         raise _invalid("properties.$insert_id", "must be at most 36 bytes of letters, digits and '-'")
-    elif insert_id.lower() in _PLACEHOLDER_IDS:
+    elif len(insert_id) in _PLACEHOLDER_LENGTHS and insert_id.lower() in _PLACEHOLDER_IDS:
         raise _invalid("properties.$insert_id", f"{insert_id!r} is a placeholder, not an id")
     # `ip` is used for geolocation and then discarded (D-reserved); the fake
     # does no geolocation.
     props.pop("ip", None)
-    # Properties Mixpanel adds on ingestion (D-reserved, default properties).
-    now_ms = round(batch.now * 1000)
-    props["$mp_api_endpoint"] = batch.host
-    props["$mp_api_timestamp_ms"] = now_ms
-    props["mp_processing_time_ms"] = now_ms
-    if batch.endpoint == "/import":
-        props["$import"] = True
+    props.update(batch.added)
     return token, {"event": name, "properties": props}
 
 
@@ -3069,6 +3100,7 @@ _MODIFIERS = frozenset(("$time", "$ignore_time", "$ignore_alias"))
 # The value types an operator's properties may have with no rule to apply
 # (strings only up to 255 characters); `$add` takes numbers (not booleans).
 _SCALARS = frozenset((str, int, float, bool, type(None)))
+_NON_STRINGS = _SCALARS - {str}
 _STRINGS = frozenset((str,))
 _NUMBERS = frozenset((int, float))
 _SCALAR_OPS = frozenset(("$set", "$set_once", "$append", "$remove"))  # objects of _SCALARS
@@ -6458,7 +6490,6 @@ def _named_tokens(records: list | None, kind: str | None) -> set:
 
 
 _TOKEN_OF = operator.itemgetter("token")
-_PROPERTIES_OF = operator.itemgetter("properties")
 _DOLLAR_TOKEN_OF = operator.itemgetter("$token")
 
 
