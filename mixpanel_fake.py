@@ -1389,6 +1389,18 @@ def _apply_ops(table: dict, key: Any, ops: list[tuple[str, Any]],
     it was: a profile holds at most 2000 properties (D-profiles).
     """
     old = table.get(key)
+    if len(ops) == 1 and ops[0][0] in (_PROFILE_OPS if old is not None else _CREATING_OPS):
+        # The usual update: one operator, on a profile it keeps or makes.
+        op, value = ops[0]
+        props = {} if old is None else dict(old)
+        _PROFILE_OPS[op](props, value)
+        if last_seen is not None:
+            props["$last_seen"] = last_seen
+        if len(props) <= _MAX_PROFILE_PROPERTIES:
+            error = _list_too_big(op, value, props) if op in _LIST_OPS else None
+            if error is None:
+                table[key] = props
+            return error
     props = None if old is None else dict(old)
     touched = listy = False
     for op, value in ops:
@@ -1400,12 +1412,9 @@ def _apply_ops(table: dict, key: Any, ops: list[tuple[str, Any]],
             if op not in _CREATING_OPS:
                 continue
             props = {}
-        if op == "$set":
-            props.update(value)  # `_op_set`, inlined: most updates are one $set
-        else:
-            _PROFILE_OPS[op](props, value)
-            if op == "$append" or op == "$union":
-                listy = True
+        _PROFILE_OPS[op](props, value)
+        if op in _LIST_OPS:
+            listy = True
         touched = True
     if props is None:
         table.pop(key, None)
@@ -1417,13 +1426,22 @@ def _apply_ops(table: dict, key: Any, ops: list[tuple[str, Any]],
         if count > _MAX_PROFILE_PROPERTIES and len(props) > len(old or ()):
             return f"profile would have {count} properties; the limit is {_MAX_PROFILE_PROPERTIES}"
     for op, value in ops if listy else ():
-        if op in ("$append", "$union"):
-            for name in value:
-                if isinstance(props.get(name), list) and \
-                        not _fits(props[name], _MAX_PROFILE_COLLECTION_BYTES):
-                    return (f"'{op}.{name}' is invalid: the list would exceed "
-                            f"{_MAX_PROFILE_COLLECTION_BYTES // 1024}KB")
+        error = _list_too_big(op, value, props) if op in _LIST_OPS else None
+        if error is not None:
+            return error
     table[key] = props
+    return None
+
+
+_LIST_OPS = frozenset(("$append", "$union"))
+
+
+def _list_too_big(op: str, value: dict, props: dict) -> str | None:
+    """Why a list `$append` or `$union` grew is refused: past 256KB (D-types)."""
+    for name in value:
+        if isinstance(props.get(name), list) and not _fits(props[name], _MAX_PROFILE_COLLECTION_BYTES):
+            return (f"'{op}.{name}' is invalid: the list would exceed "
+                    f"{_MAX_PROFILE_COLLECTION_BYTES // 1024}KB")
     return None
 
 
@@ -2721,7 +2739,7 @@ class _Batch:
     """What every record of one ingestion request shares."""
 
     __slots__ = ("store", "endpoint", "now", "host", "fallback", "strict", "sized", "plain", "added",
-                 "times")
+                 "earliest", "latest")
 
     def __init__(self, store: Store, req: _Request, endpoint: str, strict: bool):
         self.store = store
@@ -2741,8 +2759,9 @@ class _Batch:
         if endpoint == "/import":
             self.added["$import"] = True
         # Whole seconds in this range are kept as sent (`_normalize_event_time`).
-        self.times = ((math.ceil(now - _TRACK_MAX_AGE), math.floor(now)) if endpoint == "/track" else
-                      (_IMPORT_MIN_TIME, min(math.floor(now + _IMPORT_MAX_AHEAD), int(_MS_THRESHOLD) - 1)))
+        self.earliest, self.latest = (
+            (math.ceil(now - _TRACK_MAX_AGE), math.floor(now)) if endpoint == "/track" else
+            (_IMPORT_MIN_TIME, min(math.floor(now + _IMPORT_MAX_AHEAD), int(_MS_THRESHOLD) - 1)))
 
 
 class _Ignored(Exception):
@@ -2972,11 +2991,11 @@ def _normalize_event(record: Any, batch: _Batch) -> tuple[str, dict]:
     project = batch.store.projects.get(token)  # a dict read; no lock needed
     original = project is not None and project.id_merge == "original"
     ts = props.get("time")
-    if type(ts) is not int or not batch.times[0] <= ts <= batch.times[1]:  # else kept as sent
+    if type(ts) is not int or not batch.earliest <= ts <= batch.latest:  # else kept as sent
         _normalize_event_time(props, batch)
     if original:
         _check_identity_event(name, props, batch)
-    else:
+    elif "$device_id" in props or "$user_id" in props:
         _derive_distinct_id(props)
     if "distinct_id" in props:
         _check_id(props, "distinct_id")
@@ -3440,10 +3459,12 @@ def _ingest_events(store: Store, req: _Request, endpoint: str) -> _Response:
     accepted_at: list[int] = []
     rejected: list[dict] = []
     ignored = 0
+    # No tracking plan anywhere: no event to hold to one (a list copy: no lock needed).
+    plans = any(project.tracking_plan is not None for project in list(store.projects.values()))
     for index, record in enumerate(records):
         try:
             token, event = _normalize_event(record, batch)
-            if _plan_check(store, token, event, endpoint, index, record, batch.now, rejected):
+            if not plans or _plan_check(store, token, event, endpoint, index, record, batch.now, rejected):
                 accepted.append((token, event))
                 accepted_at.append(index)
         except _Reject as reject:
@@ -3502,6 +3523,8 @@ def _plan_check(store: Store, token: str, event: dict, endpoint: str, index: int
 
 
 def _has_simplified_identity_event(store: Store, accepted: list[tuple[str, dict]]) -> bool:
+    if _IDENTITY_EVENTS.isdisjoint(map(_EVENT_NAME, map(_SECOND, accepted))):
+        return False  # the usual batch, read in C
     for token, event in accepted:
         if event["event"] in _IDENTITY_EVENTS:
             project = store.projects.get(token)
