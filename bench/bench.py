@@ -384,7 +384,7 @@ def figure_batches(ctx) -> list[tuple]:
     try:
         for kind in ("import", "import-gzip", "engage"):
             fake_times, base_times = [], []
-            for _ in range(max(ctx.rounds, 7)):
+            for _ in range(max(ctx.rounds, 9)):
                 seconds, baseline = run_load(fake.port, kind, 1, batches, paired=True)
                 get(fake.port, "/__parlel/reset")  # untimed: every round starts empty
                 fake_times.append(seconds)
