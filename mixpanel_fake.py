@@ -6486,8 +6486,13 @@ def _journal_entry(handler: Any, path: str, query: str, req: _Request | None,
     if req is not None:
         projects = _named_tokens(req.records, req.record_kind)
         store = handler.server.store
-        named = _credential_token(store, req) or (None if store.strict_auth else req.param("project"))
-        project = named or (next(iter(projects)) if len(projects) == 1 else None)
+        named = _credential_token(store, req)
+        if named not in store.projects:
+            # A Basic username taken as a token that names no project may be
+            # a secret sent where a token was expected: never shown.
+            named = None if store.strict_auth else req.param("project")
+        project = (named or (next(iter(projects)) if len(projects) == 1 else None)
+                   or (fault["project"] if fault is not None else None))  # a fault fired for it
     return {"seq": 0, "time": time.time(), "method": handler.command, "path": path,
             "query": _redacted_query(query), "headers": headers,
             "body_size": len(req.body) if req is not None else 0,
@@ -6508,7 +6513,10 @@ def _named_tokens(records: list | None, kind: str | None) -> set:
         else:
             tokens = set(map(_DOLLAR_TOKEN_OF, records))
     except (KeyError, TypeError, IndexError):
-        tokens = {_record_token(record, kind) for record in records}
+        # Record by record, the other kind's place too: a token put where
+        # the other kind of record keeps it still names its project.
+        other = "people" if kind == "events" else "events"
+        tokens = {_record_token(record, kind) or _record_token(record, other) for record in records}
     return {token for token in tokens if isinstance(token, str) and token}
 
 

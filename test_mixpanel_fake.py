@@ -834,13 +834,13 @@ class TestQuickPaths(unittest.TestCase):
                  ([{"properties": {"token": "e"}}, {"properties": {"token": "f"}}], "events", {"e", "f"}),
                  ([{"properties": {"token": "e"}}, {"properties": []}, {"properties": "s"}, "r",
                    {"properties": {"token": {"d": 1}}}], "events", {"e"}),
-                 ([{"$token": "a"}], None, set()), (None, "people", set()), ([], "events", set())]
+                 ([{"$token": "a"}], None, set()), (None, "people", set()), ([], "events", set()),
+                 # A token in the other kind's place still names its project.
+                 ([{"event": "e", "$token": "t", "properties": {}}], "events", {"t"}),
+                 ([{"$distinct_id": "u", "properties": {"token": "t"}}], "people", {"t"})]
         for records, kind, expected in cases:
             with self.subTest(records=records, kind=kind):
                 self.assertEqual(mixpanel_fake._named_tokens(records, kind), expected)
-                if records and kind:
-                    self.assertEqual({t for t in (mixpanel_fake._record_token(r, kind) for r in records) if t},
-                                     expected)
 
     def test_size_bound_of_string_lists_is_the_general_one(self):
         for value in (["a", "bc", ""], [], ["é" * 10, "x"]):
@@ -3510,6 +3510,23 @@ class TestJournal(_ServerTestCase):
         text = json.dumps(MP.requests()) + _http("GET", "/__parlel/requests")[2].decode()
         for secret in ("k3y", "s3cr3t", "very-secret-user"):
             self.assertNotIn(secret, text)
+
+    def test_a_basic_username_naming_no_project_is_never_shown(self):
+        # The Python SDK's import_data(api_secret=...) sends the secret as the
+        # Basic username; unknown here, it is not a project to show.
+        with MixpanelFake() as fake:
+            _http("POST", "/import?verbose=1", _form(data=json.dumps([_full()])), _basic("s3cret-name", ""),
+                  port=fake.port)
+            (entry,) = fake.requests(path="/import")
+            self.assertEqual((entry["project"], entry["projects"]), (TOKEN, [TOKEN]))
+            self.assertNotIn("s3cret-name", json.dumps(fake.requests()))
+
+    def test_a_faulted_request_keeps_the_project_its_fault_was_for(self):
+        with MixpanelFake() as fake:
+            fake.add_fault("/track", status=503, project=TOKEN)
+            self.assertEqual(_http("POST", "/track", json.dumps(_event()), port=fake.port)[0], 503)
+            (entry,) = fake.requests(path="/track", project=TOKEN)
+            self.assertEqual((entry["project"], entry["status"], entry["fault"] is not None), (TOKEN, 503, True))
 
     def test_since_cursor_and_path_filter_over_http(self):
         _http("GET", "/health")

@@ -670,6 +670,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.load:
         print(json.dumps(load_client(json.loads(args.load))))
         return 0
+    if args.only and not any(args.only in figure.__name__ for figure in FIGURES):
+        parser.error(f"--only {args.only}: no figure's name has it; the figures: "
+                     + ", ".join(f.__name__[len("figure_"):] for f in FIGURES))
     ctx = Context(args.quick, None)
     print(f"machine: {platform.python_implementation()} {platform.python_version()}, "
           f"{os.cpu_count()} cores, {platform.machine()}, {platform.system()}; "
