@@ -209,6 +209,12 @@ _PLACEHOLDER_LENGTHS = frozenset(map(len, _PLACEHOLDER_IDS))
 _INSERT_ID_RE = re.compile(r"[A-Za-z0-9-]{1,36}")  # used with fullmatch
 _UUID4_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", re.I)
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
+# JSON value types, for checks made in C (`map(type, ...)`): the scalars need
+# no rule beyond a string's length; `$add` takes numbers (not booleans).
+_SCALARS = frozenset((str, int, float, bool, type(None)))
+_NON_STRINGS = _SCALARS - {str}
+_STRINGS = frozenset((str,))
+_NUMBERS = frozenset((int, float))
 _IDENTITY_EVENTS = frozenset(("$identify", "$create_alias", "$merge"))
 _SIMPLIFIED_IDENTITY_ERROR = ("identity events are not allowed when project is using "
                               "simplified identity management")
@@ -1815,13 +1821,9 @@ def _loads(text: str) -> Any:
         raise ValueError("JSON nested too deeply") from None
 
 
-def _decode_data(raw: str) -> Any:
-    """Decode a ``data=`` value: URL-encoded JSON, or (URL-encoded) base64 JSON."""
-    return _loads_data(*_data_text(raw))
-
-
 def _data_text(raw: str) -> tuple[str, bool]:
-    """The JSON text of a ``data=`` value, and whether it came as base64."""
+    """The JSON text of a ``data=`` value (URL-encoded JSON, or URL-encoded
+    base64 JSON), and whether it came as base64."""
     # Invalid UTF-8 survives as lone surrogates, refused per field later.
     text = _unquote(raw, errors="surrogateescape").strip()
     if text[:1] in ("{", "["):
@@ -3116,12 +3118,6 @@ def _id_text(value: Any) -> str | None:
 _SHAPES: dict = {}
 _SHAPES_MAX = 10_000
 _MODIFIERS = frozenset(("$time", "$ignore_time", "$ignore_alias"))
-# The value types an operator's properties may have with no rule to apply
-# (strings only up to 255 characters); `$add` takes numbers (not booleans).
-_SCALARS = frozenset((str, int, float, bool, type(None)))
-_NON_STRINGS = _SCALARS - {str}
-_STRINGS = frozenset((str,))
-_NUMBERS = frozenset((int, float))
 _SCALAR_OPS = frozenset(("$set", "$set_once", "$append", "$remove"))  # objects of _SCALARS
 
 
