@@ -603,8 +603,7 @@ class _ProjectState:
 
 # One validated /engage or /groups update, waiting for the lock: a plain
 # tuple (made by the thousand per batch, so no class):
-# (token, key, ops, last_seen, ignore_alias, index, record, set_value), the
-# last the value of a lone `$set` (most updates), else None.
+# (token, key, ops, last_seen, ignore_alias, index, record).
 _Update = tuple
 
 # Read in C over a batch's records (`Store.add_events`, `_named_tokens`).
@@ -734,13 +733,13 @@ class Store:
         dropped: list = []  # trimmed-off events, freed after the lock is let go
         with self.lock:
             token = accepted[0][0] if accepted else None
-            project, state = self._project_locked(token) if token is not None else (None, None)
             if (token is not None and self.max_events is None and len(set(map(_FIRST, accepted))) == 1
                     and _IDENTITY_EVENTS.isdisjoint(map(_EVENT_NAME, map(_SECOND, accepted)))
                     and not any(map(operator.contains, map(_PROPERTIES_OF, map(_SECOND, accepted)),
                                     itertools.repeat("$user_id")))):
                 # The usual batch, stored in C: one project's events, none an
                 # identity event or with a `$user_id` (so no identity pair).
+                state = self._project_locked(token)[1]
                 state.events.extend(map(_SECOND, accepted))
                 state.event_ids.extend(range(self._next_id, self._next_id + len(accepted)))
                 self._next_id += len(accepted)
@@ -804,9 +803,8 @@ class Store:
         """
         applied = 0
         token = table = identity = None
-        max_properties = _MAX_PROFILE_PROPERTIES
         with self.lock:
-            for update_token, key, ops, last_seen, ignore_alias, index, record, set_value in updates:
+            for update_token, key, ops, last_seen, ignore_alias, index, record in updates:
                 if update_token != token:  # a batch is mostly one project's
                     token = update_token
                     project, state = self._project_locked(token)
@@ -815,16 +813,6 @@ class Store:
                     identity = state.identity if original else None
                 if identity is not None and not ignore_alias:
                     key = identity.resolve(key)
-                if set_value is not None:
-                    # A lone `$set` (`_apply_ops`, inlined): the profile rebuilt with it.
-                    old = table.get(key)
-                    props = {**old, **set_value} if old is not None else dict(set_value)
-                    if last_seen is not None:
-                        props["$last_seen"] = last_seen
-                    if len(props) <= max_properties:
-                        table[key] = props
-                        applied += 1
-                        continue
                 try:
                     error = _apply_ops(table, key, ops, last_seen)
                 except Exception as exc:  # a bug in the fake: keep going, report it
@@ -840,7 +828,7 @@ class Store:
             self._changed_locked()
         if self.log_sink is not None:
             refused = {id(r["record"]) for r in rejected}
-            for update_token, *_, record, _ in updates:
+            for update_token, *_, record in updates:
                 if id(record) not in refused:
                     self.log_sink(_dumps({"accepted": True, "project": update_token,
                                           "update": record}).decode("utf-8", "replace"))
@@ -1398,8 +1386,11 @@ def _apply_ops(table: dict, key: Any, ops: list[tuple[str, Any]],
     if len(ops) == 1 and ops[0][0] in (_PROFILE_OPS if old is not None else _CREATING_OPS):
         # The usual update: one operator, on a profile it keeps or makes.
         op, value = ops[0]
-        props = {} if old is None else dict(old)
-        _PROFILE_OPS[op](props, value)
+        if op == "$set":  # most updates: the profile rebuilt with the values, in one go
+            props = {**old, **value} if old is not None else dict(value)
+        else:
+            props = {} if old is None else dict(old)
+            _PROFILE_OPS[op](props, value)
         if last_seen is not None:
             props["$last_seen"] = last_seen
         if len(props) <= _MAX_PROFILE_PROPERTIES:
@@ -1841,6 +1832,7 @@ def _data_text(raw: str) -> tuple[str, bool]:
 
 
 def _loads_data(text: str, base64_encoded: bool) -> Any:
+    """A ``data=`` value's records, or `_PayloadError` worded for its form."""
     try:
         return _loads(text)
     except ValueError as exc:
@@ -3124,12 +3116,12 @@ _SCALAR_OPS = frozenset(("$set", "$set_once", "$append", "$remove"))  # objects 
 def _learn_shape(shape: tuple) -> tuple | None:
     """What the quick path needs of a record shape: (its operators, each
     with whether its value is an object of scalars, checked inline, rather
-    than by `_quick_value`; whether it has modifiers; whether it is a lone
-    `$set`), or None when the full path must decide."""
+    than by `_quick_value`; whether it has modifiers), or None when the
+    full path must decide."""
     if "$token" not in shape or "$distinct_id" not in shape or "$delete" in shape:
         return None
     ops = tuple((name, name in _SCALAR_OPS) for name in shape if name in _PEOPLE_OP_SET)
-    known = (ops, not _MODIFIERS.isdisjoint(shape), ops == (("$set", True),)) if ops else None
+    known = (ops, not _MODIFIERS.isdisjoint(shape)) if ops else None
     if len(_SHAPES) < _SHAPES_MAX:
         _SHAPES[shape] = known
     return known
@@ -3150,7 +3142,6 @@ def _quick_value(op: str, value: Any) -> bool:
                 return False
         return True
     return _quick_items(value.values(), _NUMBERS if op == "$add" else _SCALARS)
-
 
 
 def _quick_items(items: Any, kinds: frozenset) -> bool:
@@ -3218,8 +3209,7 @@ def _normalize_updates(records: list, kind: str, fallback: str | None, now: floa
                                                        _flag(record.get("$ignore_alias")))
                         else:
                             last_seen, ignore_alias = now_iso, False
-                        updates.append((token, key, ops, last_seen, ignore_alias, index, record,
-                                        ops[0][1] if known[2] else None))
+                        updates.append((token, key, ops, last_seen, ignore_alias, index, record))
                         continue
         try:
             updates.append(_normalize_update(record, kind, fallback, now, index, sized, store, now_iso))
@@ -3295,8 +3285,7 @@ def _normalize_update(record: Any, kind: str, fallback_token: str | None, now: f
     if not ops:
         raise _Reject(None, prefix + "no operation: expected one of " + ", ".join(allowed))
     last_seen = _last_seen(record, now, now_iso) if kind == "people" else None
-    set_value = ops[0][1] if len(ops) == 1 and ops[0][0] == "$set" else None
-    return (token, key, ops, last_seen, _flag(record.get("$ignore_alias")), index, record, set_value)
+    return (token, key, ops, last_seen, _flag(record.get("$ignore_alias")), index, record)
 
 
 def _flag(value: Any) -> bool:
@@ -6508,7 +6497,7 @@ def _named_tokens(records: list | None, kind: str | None) -> set:
             tokens = set(map(_TOKEN_OF, map(_PROPERTIES_OF, records)))
         else:
             tokens = set(map(_DOLLAR_TOKEN_OF, records))
-    except (KeyError, TypeError, IndexError):
+    except (KeyError, TypeError):
         # Record by record, the other kind's place too: a token put where
         # the other kind of record keeps it still names its project.
         other = "people" if kind == "events" else "events"

@@ -796,11 +796,10 @@ class TestQuickPaths(unittest.TestCase):
         self.assertEqual(rejected, [])
         now = "2025-12-01T00:00:00"
         self.assertEqual(updates, [
-            (self.TOKEN, "u1", [("$set", {"plan": "pro", "seats": 3})], now, False, 0, records[0],
-             {"plan": "pro", "seats": 3}),
-            (self.TOKEN, "u1", [("$add", {"n": 1, "spent": 2.5})], now, False, 1, records[1], None),
-            (self.TOKEN, "u1", [("$union", {"tags": ["a", "b"]})], now, False, 2, records[2], None),
-            (self.TOKEN, "u1", [("$unset", ["coupon"])], "2025-12-01T00:00:00", False, 3, records[3], None)])
+            (self.TOKEN, "u1", [("$set", {"plan": "pro", "seats": 3})], now, False, 0, records[0]),
+            (self.TOKEN, "u1", [("$add", {"n": 1, "spent": 2.5})], now, False, 1, records[1]),
+            (self.TOKEN, "u1", [("$union", {"tags": ["a", "b"]})], now, False, 2, records[2]),
+            (self.TOKEN, "u1", [("$unset", ["coupon"])], "2025-12-01T00:00:00", False, 3, records[3])])
 
     def test_strict_auth_and_big_batches_take_the_full_path(self):
         records = [{"$token": "nobody", "$distinct_id": "u1", "$set": {"a": 1}}]
@@ -808,6 +807,12 @@ class TestQuickPaths(unittest.TestCase):
         updates, rejected, dropped = self.both(records)
         self.assertEqual((updates, dropped), ([], 1))
         self.assertIn("unknown project token", rejected[0]["reason"])
+
+    def test_an_in_process_fake_leaves_the_garbage_collector_alone(self):
+        before = gc.get_threshold()
+        with MixpanelFake():
+            self.assertEqual(gc.get_threshold(), before)
+        self.assertEqual(gc.get_threshold(), before)
 
     def test_plain_text(self):
         self.assertTrue(mixpanel_fake._plain_text('[{"a": "b\\n\\"c"}]'))
