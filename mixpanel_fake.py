@@ -1675,7 +1675,7 @@ class _Request:
     """One decoded HTTP request, as handlers see it."""
 
     __slots__ = ("method", "path", "query", "headers", "body", "raw", "is_json", "client", "records",
-                 "raw_path", "cleanup", "credentials", "plain_text", "record_kind")
+                 "raw_path", "cleanup", "credentials", "plain_text", "record_kind", "sent")
 
     def __init__(self, method: str, path: str, query: str, headers: Any,
                  body: bytes, client: str = ""):
@@ -1688,6 +1688,7 @@ class _Request:
         self.cleanup: list[Callable[[], None]] = []  # run once the answer is sent
         self.credentials: Any = _UNKNOWN  # `_credential_token`'s answer, once asked
         self.plain_text = False  # `_read_records`: its JSON held only ASCII strings
+        self.sent: _SentRecords | None = None  # `_read_records`: the text the records came in
         self.headers = headers
         self.body = body
         self.client = client
@@ -1855,32 +1856,66 @@ def _read_records(req: _Request, ndjson: bool) -> tuple[list, str]:
     if req.is_json:
         dialect = "json"
         text = req.body.decode("utf-8", "surrogateescape")
-        try:
-            value = _loads(text)
-        except ValueError as exc:
-            if not ndjson:
-                raise _PayloadError(f"invalid JSON body: {exc}") from None
-            value = []
-            # Split on newlines only: U+2028 may sit raw inside a JSON string.
-            for number, line in enumerate(text.split("\n"), 1):
-                if line.strip():
-                    try:
-                        value.append(_loads(line))
-                    except ValueError as line_exc:
-                        raise _PayloadError(f"invalid JSON on line {number}: {line_exc}") from None
+        records = _as_records(_loads_body(text, ndjson))
     else:
         dialect = "form"
         raw = req.raw.get("data")
         if not raw:
             raise _PayloadError("data, missing or empty")
         text, base64_encoded = _data_text(raw)
-        value = _loads_data(text, base64_encoded)
+        records = _as_records(_loads_data(text, base64_encoded))
     req.plain_text = _plain_text(text)
+    req.sent = _SentRecords(text, ndjson and req.is_json, len(records))
+    return records, dialect
+
+
+def _loads_body(text: str, ndjson: bool) -> Any:
+    """A JSON body's value; with ``ndjson``, a body that is not one JSON
+    value may be one per line (a list of them)."""
+    try:
+        return _loads(text)
+    except ValueError as exc:
+        if not ndjson:
+            raise _PayloadError(f"invalid JSON body: {exc}") from None
+    value = []
+    # Split on newlines only: U+2028 may sit raw inside a JSON string.
+    for number, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            try:
+                value.append(_loads(line))
+            except ValueError as line_exc:
+                raise _PayloadError(f"invalid JSON on line {number}: {line_exc}") from None
+    return value
+
+
+def _as_records(value: Any) -> list:
+    """A decoded payload as a list of records: an object is a list of one."""
     if isinstance(value, dict):
-        return [value], dialect
+        return [value]
     if not isinstance(value, list):
         raise _PayloadError("data, must be a JSON object or an array of objects")
-    return value, dialect
+    return value
+
+
+class _SentRecords:
+    """A request's records as the journal keeps them: the JSON text they
+    came in, decoded again when the journal is read.  One compact string
+    instead of every decoded record, and the decoded records are then the
+    handler's to store, change and free (the journal still shows them as
+    sent)."""
+
+    __slots__ = ("text", "ndjson", "count")
+
+    def __init__(self, text: str, ndjson: bool, count: int):
+        self.text = text
+        self.ndjson = ndjson
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def decode(self) -> list:
+        return _as_records(_loads_body(self.text, self.ndjson))
 
 
 def _credential_token(store: Store, req: _Request) -> str | None:
@@ -3104,6 +3139,128 @@ def _id_text(value: Any) -> str | None:
     return None
 
 
+# The quick path for plain events (`_normalize_events`).  An event's property
+# names, in order, are its shape, as for profile updates below; a batch
+# reuses a few.  Both tables are bounded, like `_PLAIN_NAMES`.
+_EVENT_SHAPES: dict = {}
+_EVENT_NAMES: set = set()  # names seen to need no check (`_plain_event_name`)
+_EVENT_NAMES_MAX = 10_000
+_RECORD_SHAPE = ("event", "properties")  # a record as the SDKs write it, in this order
+# Properties the full path acts on: a dropped event, a removed `ip`, an id
+# derived from them (Simplified ID Merge).
+_EVENT_SPECIAL = frozenset(("$ignore", "ip", "$device_id", "$user_id"))
+
+
+def _learn_event_shape(shape: tuple) -> tuple | None:
+    """What the quick path needs of a property shape: (whether it names a
+    distinct_id, whether an $insert_id), or None when the full path must
+    decide (a name to cut, a special property, no time, too many)."""
+    if (len(shape) >= _MAX_PROPERTIES or "time" not in shape
+            or not _EVENT_SPECIAL.isdisjoint(shape) or not _plain_names(shape)):
+        known = None
+    else:
+        known = ("distinct_id" in shape, "$insert_id" in shape)
+    if len(_EVENT_SHAPES) < _SHAPES_MAX:
+        _EVENT_SHAPES[shape] = known
+    return known
+
+
+def _plain_event_name(name: str) -> bool:
+    """Whether an event name needs no check and no special handling: short
+    ASCII, not blank, not an identity event (learned, for the quick path)."""
+    if len(name) > _MAX_STRING or not name.isascii() or not name.strip() or name in _IDENTITY_EVENTS:
+        return False
+    if len(_EVENT_NAMES) < _EVENT_NAMES_MAX:
+        _EVENT_NAMES.add(name)
+    return True
+
+
+def _normalize_events(records: list, batch: _Batch, plans: bool) -> tuple[list, list[int], list[dict], int]:
+    """Check a batch of events in order: (the accepted (token, event) pairs,
+    their indexes, the refusals, how many were dropped).
+
+    A batch whose JSON is plain (`_plain_text`), not near the size limit,
+    with strict auth off and no tracking plan anywhere, takes a quick path
+    for the events the SDKs send: `event` and `properties` in that order,
+    a known name, a time in the endpoint's window, usual ids, values no
+    rule changes or refuses.  Such an event is stored as the decoded record
+    itself, changed only once every check has passed (the journal keeps the
+    text the records came in, `_SentRecords`).  Anything else goes through
+    `_normalize_event`, which the quick path agrees with (a test holds them
+    to it).
+    """
+    store, endpoint, strict, now = batch.store, batch.endpoint, batch.strict, batch.now
+    accepted: list[tuple[str, dict]] = []
+    accepted_at: list[int] = []
+    rejected: list[dict] = []
+    ignored = 0
+    quick = batch.plain and not batch.sized and not store.strict_auth and not plans
+    # Locals for the loop below, run once per record: names it reads often.
+    shapes, names, kind_of, max_string, non_strings = (_EVENT_SHAPES, _EVENT_NAMES, type, _MAX_STRING,
+                                                       _NON_STRINGS)
+    placeholders, placeholder_lengths = _PLACEHOLDER_IDS, _PLACEHOLDER_LENGTHS
+    earliest, latest, fallback, added = batch.earliest, batch.latest, batch.fallback, batch.added
+    for index, record in enumerate(records):
+        try:
+            if quick and kind_of(record) is dict and tuple(record) == _RECORD_SHAPE:
+                name, props = record["event"], record["properties"]
+                known = shapes.get(tuple(props), _UNKNOWN) if kind_of(props) is dict else None
+                if known is _UNKNOWN:
+                    known = _learn_event_shape(tuple(props))
+                if known is not None and kind_of(name) is str and (name in names or _plain_event_name(name)):
+                    token = props.get("token") or fallback
+                    ts = props["time"]
+                    if (kind_of(token) is str and token and (kind_of(ts) is int or kind_of(ts) is float)
+                            and earliest <= ts <= latest):
+                        has_id, has_insert_id = known
+                        plain = False
+                        for value in props.values():
+                            value_kind = kind_of(value)
+                            if value_kind is str:
+                                if len(value) > max_string:
+                                    break
+                            elif value_kind not in non_strings and (
+                                    (value_kind is not list and value_kind is not dict) or value):
+                                break
+                        else:
+                            plain = True
+                        if not plain:
+                            # A list, an object or a long string: the full check,
+                            # which refuses as the full path would at this point.
+                            plain = _check_properties(props, "properties.", _EVENT_LIMITS, True) is props
+                        distinct_id = props["distinct_id"] if has_id else ""
+                        insert_id = props["$insert_id"] if has_insert_id else ""
+                        if (plain and (has_id or not strict) and (has_insert_id or not strict)
+                                and kind_of(distinct_id) is str
+                                and not (len(distinct_id) in placeholder_lengths
+                                         and distinct_id.lower() in placeholders)
+                                and (not has_insert_id or (
+                                    kind_of(insert_id) is str and len(insert_id) <= 36
+                                    and insert_id.isalnum() and insert_id.isascii()
+                                    and not (len(insert_id) in placeholder_lengths
+                                             and insert_id.lower() in placeholders)))):
+                            # Every check passed: now the record may change.
+                            if not has_insert_id:
+                                # R-dedup: a generated id, so the event is never merged with another.
+                                props["$insert_id"] = os.urandom(16).hex()
+                            props.update(added)
+                            accepted.append((token, record))
+                            accepted_at.append(index)
+                            continue
+            token, event = _normalize_event(record, batch)
+            if not plans or _plan_check(store, token, event, endpoint, index, record, now, rejected):
+                accepted.append((token, event))
+                accepted_at.append(index)
+        except _Reject as reject:
+            token = _record_token(record, "events") or fallback
+            rejected.append(_rejection(endpoint, token, index, record, reject, now))
+        except _Ignored as drop:
+            ignored += 1
+            rejected.append(_rejection(endpoint, _record_token(record, "events") or fallback,
+                                       index, record, _Reject(None, str(drop)), now, dropped=True))
+    return accepted, accepted_at, rejected, ignored
+
+
 # The quick path for plain profile updates (`_normalize_updates`).  A record's
 # names, in order, are its shape: a batch reuses a few, so one dict lookup
 # per record tells its operators.  Bounded, like `_PLAIN_NAMES`.
@@ -3440,25 +3597,9 @@ def _ingest_events(store: Store, req: _Request, endpoint: str) -> _Response:
         answer = _import_failure(429, message) if json_answer else _ingest_answer(req, False, message, 429)
         answer.headers["Retry-After"] = limited
         return answer
-    accepted: list[tuple[str, dict]] = []
-    accepted_at: list[int] = []
-    rejected: list[dict] = []
-    ignored = 0
     # No tracking plan anywhere: no event to hold to one (a list copy: no lock needed).
     plans = any(project.tracking_plan is not None for project in list(store.projects.values()))
-    for index, record in enumerate(records):
-        try:
-            token, event = _normalize_event(record, batch)
-            if not plans or _plan_check(store, token, event, endpoint, index, record, batch.now, rejected):
-                accepted.append((token, event))
-                accepted_at.append(index)
-        except _Reject as reject:
-            token = _record_token(record, "events") or batch.fallback
-            rejected.append(_rejection(endpoint, token, index, record, reject, batch.now))
-        except _Ignored as drop:
-            ignored += 1
-            rejected.append(_rejection(endpoint, _record_token(record, "events") or batch.fallback,
-                                       index, record, _Reject(None, str(drop)), batch.now, dropped=True))
+    accepted, accepted_at, rejected, ignored = _normalize_events(records, batch, plans)
     if strict and _has_simplified_identity_event(store, accepted):
         # AK's probes: a strict /import holding $identify, $create_alias or
         # $merge for a Simplified project is refused whole, strings for records.
@@ -5826,7 +5967,7 @@ def _journal_rows(store: Store, path: str | None, since: int, project: str | Non
     rows = [e for e in entries if e["seq"] > since and (wanted is None or e["path"] == wanted)
             and (project is None or e["projects"] == [project]
                  or (not e["projects"] and e["project"] == project))]
-    return rows[-limit:] if limit else rows
+    return [_journal_row(entry) for entry in (rows[-limit:] if limit else rows)]
 
 
 def _parlel_faults(store: Store, req: _Request) -> _Response:
@@ -6481,10 +6622,24 @@ def _journal_entry(handler: Any, path: str, query: str, req: _Request | None,
     return {"seq": 0, "time": time.time(), "method": handler.command, "path": path,
             "query": _redacted_query(query), "headers": headers,
             "body_size": len(req.body) if req is not None else 0,
-            "records": req.records if req is not None else None, "records_dropped": 0,
+            "records": _journal_records(req), "records_dropped": 0,
             "status": response.status if response is not None else None, "response": shown,
             "duration_ms": round(elapsed, 3), "fault": fault["id"] if fault else None,
             "project": project, "projects": sorted(projects)}
+
+
+def _journal_records(req: _Request | None) -> list | _SentRecords | None:
+    """What an entry keeps of the records its handler decoded: the text they
+    came in when they came in one (`_SentRecords`), else the list."""
+    if req is None or req.records is None:
+        return None
+    return req.sent if req.sent is not None else req.records
+
+
+def _journal_row(entry: dict) -> dict:
+    """A journal entry as readers see it: kept text decoded to records."""
+    records = entry["records"]  # read once: log_request may let it go meanwhile
+    return dict(entry, records=records.decode()) if isinstance(records, _SentRecords) else entry
 
 
 def _named_tokens(records: list | None, kind: str | None) -> set:

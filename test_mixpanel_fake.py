@@ -808,6 +808,131 @@ class TestQuickPaths(unittest.TestCase):
         self.assertEqual((updates, dropped), ([], 1))
         self.assertIn("unknown project token", rejected[0]["reason"])
 
+    EVENT_NAMES = ("Signup", "Signup", "Page view", "", "   ", "$identify", "$create_alias", "$merge",
+                   "n" * 255, "n" * 256, 7, None, ["Signup"])
+    IDS = ("u1", "u2", "user-1234", "", "null", "UNDEFINED", "Anon", 42, 1.5, True, None, [], "d" * 256)
+    INSERT_IDS = ("abc123", "0" * 32, "a-b-c", "", "x" * 36, "x" * 37, "null", "NONE", "a b", 5, None)
+    PROPERTY_NAMES = ("plan", "$browser", "tags", "n" * 255, "m" * 256, "$ignore", "ip", "$device_id",
+                      "$user_id", "$mp_api_endpoint")
+
+    def random_event(self, rng, now):
+        """A usual event, one thing in it perhaps odd; or an odd one."""
+        times = (now - 60, now - 60, now - 0.5, float(now - 100), (now - 60) * 1000, now + 30,
+                 now - 6 * 86400, now + 7200, 31535999, "soon", True, None)
+        props = {"token": self.TOKEN, "distinct_id": "user-1234", "time": now - 60,
+                 "$insert_id": "%032x" % rng.randrange(1 << 64), "plan": "pro", "seats": 3,
+                 "amount": 1.25, "trial": False, "$browser": "Chrome", "tags": []}
+        record = {"event": "Signup", "properties": props}
+        if rng.random() < 0.3:
+            return record
+        for _ in range(rng.randrange(1, 3)):
+            pick = rng.randrange(10)
+            if pick == 0:
+                record["event"] = rng.choice(self.EVENT_NAMES)
+            elif pick == 1:
+                props["token"] = rng.choice(("", None, 7, "other", self.TOKEN))
+            elif pick == 2:
+                props["distinct_id"] = rng.choice(self.IDS)
+            elif pick == 3:
+                props["time"] = rng.choice(times)
+            elif pick == 4:
+                props["$insert_id"] = rng.choice(self.INSERT_IDS)
+            elif pick == 5:
+                props.pop(rng.choice(("token", "distinct_id", "time", "$insert_id")), None)
+            elif pick == 6:
+                props[rng.choice(self.PROPERTY_NAMES)] = rng.choice(self.SCALARS + self.CONTAINERS)
+            elif pick == 7:  # rarely: the whole batch must stay under the size for sizing events
+                props.update({f"p{i}": i for i in range(rng.choice((240, 250)) if rng.random() < 0.2 else 3)})
+            elif pick == 8:
+                props["tags"] = rng.choice(self.CONTAINERS)
+            else:
+                return rng.choice(({"properties": props, "event": record["event"]},
+                                   {"event": record["event"], "properties": props, "extra": 1},
+                                   {"event": "Signup", "properties": rng.choice((None, [], "x"))},
+                                   {"event": "Signup"}, "a", 1, None, []))
+        return record
+
+    def events_both(self, text, endpoint, strict, plans=False):
+        """`_normalize_events` over fresh copies of the records, quick path
+        allowed and not: the two must agree."""
+        results = []
+        for plain in (True, False):
+            req = mixpanel_fake._Request("POST", endpoint, "", {"Content-Type": "application/json"},
+                                         text.encode())
+            records, _ = mixpanel_fake._read_records(req, ndjson=False)
+            batch = mixpanel_fake._Batch(self.store, req, endpoint, strict)
+            batch.plain = plain and batch.plain
+            with unittest.mock.patch.object(mixpanel_fake.os, "urandom", lambda n: b"\x01" * n):
+                results.append(mixpanel_fake._normalize_events(records, batch, plans))
+        self.assertEqual(results[0], results[1])
+        return results[0]
+
+    def test_random_events_take_the_same_path(self):
+        now = int(self.now)
+        self.store.set_time(self.now)
+        self.store.add_project(mixpanel_fake.Project("original-tok", id_merge="original"))
+        rng = random.Random(7)
+        records = [self.random_event(rng, now) for _ in range(2000)]
+        for record in records[::10]:  # some for the project with Original ID Merge
+            if isinstance(record, dict) and isinstance(record.get("properties"), dict):
+                record["properties"]["token"] = "original-tok"
+        text = json.dumps(records)
+        self.assertTrue(mixpanel_fake._plain_text(text))
+        counts = []
+        for endpoint, strict in (("/track", False), ("/import", False), ("/import", True)):
+            with unittest.mock.patch.object(mixpanel_fake, "_normalize_event",
+                                            wraps=mixpanel_fake._normalize_event) as full:
+                accepted, accepted_at, rejected, dropped = self.events_both(text, endpoint, strict)
+            quick = len(records) - (full.call_count - len(records))  # the full run calls it for all
+            counts.append((endpoint, strict, len(accepted), len(rejected), dropped, quick))
+        # The corpus reaches the quick path, the full one, refusals and
+        # drops on each endpoint: counts of this seeded corpus.
+        self.assertEqual(counts, [("/track", False, 1358, 642, 12, 1083), ("/import", False, 1351, 649, 12, 1104),
+                                  ("/import", True, 1204, 796, 12, 1038)])
+
+    def test_the_usual_events_are_stored_as_decoded(self):
+        now = int(self.now)
+        self.store.set_time(self.now)
+        props = {"token": self.TOKEN, "distinct_id": "u1", "time": now - 60, "$insert_id": "abc",
+                 "tags": ["a", "b"]}
+        text = json.dumps([{"event": "Signup", "properties": props},
+                           {"event": "Signup", "properties": dict(props, time=now - 0.5)},
+                           {"event": "Signup", "properties": {"token": self.TOKEN, "time": now - 60}}])
+        accepted, accepted_at, rejected, dropped = self.events_both(text, "/track", False)
+        self.assertEqual((rejected, dropped, accepted_at), ([], 0, [0, 1, 2]))
+        added = {"$mp_api_endpoint": "api.mixpanel.com", "$mp_api_timestamp_ms": round(self.now * 1000),
+                 "mp_processing_time_ms": round(self.now * 1000)}
+        self.assertEqual(accepted, [
+            (self.TOKEN, {"event": "Signup", "properties": dict(props, **added)}),
+            (self.TOKEN, {"event": "Signup", "properties": dict(props, time=now - 0.5, **added)}),
+            (self.TOKEN, {"event": "Signup", "properties": {"token": self.TOKEN, "time": now - 60,
+                                                             "$insert_id": "01" * 16, **added}})])
+
+    def test_tracking_plans_and_strict_auth_take_the_full_path(self):
+        now = int(self.now)
+        self.store.set_time(self.now)
+        text = json.dumps([{"event": "Signup", "properties": {"token": "nobody", "time": now - 60}}])
+        with unittest.mock.patch.object(mixpanel_fake, "_normalize_event",
+                                        wraps=mixpanel_fake._normalize_event) as full:
+            self.events_both(text, "/track", False, plans=True)
+            self.assertEqual(full.call_count, 2)
+            self.store.strict_auth = True
+            accepted, _, rejected, dropped = self.events_both(text, "/track", False)
+            self.assertEqual(full.call_count, 4)
+        self.assertEqual((accepted, dropped), ([], 1))
+        self.assertIn("unknown project token", rejected[0]["reason"])
+
+    def test_the_journal_shows_events_as_sent(self):
+        with MixpanelFake(projects=[Project(self.TOKEN)]) as fake:
+            sent = [{"event": "Signup", "properties": {"token": self.TOKEN, "distinct_id": "u1",
+                                                        "time": int(time.time()) - 60, "$insert_id": "a1"}}]
+            status, _, _ = _post_to(fake, "/import?strict=1", sent)
+            self.assertEqual(status, 200)
+            self.assertEqual(fake.requests(path="/import")[-1]["records"], sent)
+            stored = fake.events()[0]["properties"]
+            self.assertEqual(stored["$mp_api_endpoint"], "127.0.0.1")
+            self.assertEqual(stored["$import"], True)
+
     def test_an_in_process_fake_leaves_the_garbage_collector_alone(self):
         before = gc.get_threshold()
         with MixpanelFake():
