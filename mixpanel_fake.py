@@ -222,7 +222,8 @@ _SIMPLIFIED_IDENTITY_ERROR = ("identity events are not allowed when project is u
 # The toolkit (README "Test toolkit").
 _JOURNAL_SIZE = 1000                   # requests kept in the journal by default
 _JOURNAL_BODY = 2000                   # characters of a response body kept per entry
-_JOURNAL_RECORDS = 20000               # decoded records kept across the journal's entries
+_JOURNAL_RECORDS = 20000               # records kept across the journal's entries
+_JOURNAL_TEXT = 64 * 1024 * 1024       # characters of the text they came in, across the entries
 _SNAPSHOT_FORMAT = "mixpanel_fake/1"
 _SECRET_PARAMS = frozenset(("api_key", "api_secret", "secret", "sig", "password"))
 # Rate limits, off unless configured: name -> (what is counted, window in s).
@@ -640,11 +641,13 @@ class Store:
         if isinstance(journal_size, bool) or not isinstance(journal_size, int) or journal_size < 1:
             raise ValueError("journal_size must be a whole number, 1 or more")
         self.journal: collections.deque = collections.deque(maxlen=journal_size)
-        # Entries still holding decoded records, oldest first, and how many
-        # records they hold: past _JOURNAL_RECORDS the oldest let theirs go,
-        # so the journal is bounded in memory, not only in entries.
+        # Entries still holding records, oldest first, and how many records
+        # and characters of text they hold: past _JOURNAL_RECORDS or
+        # _JOURNAL_TEXT the oldest let theirs go, so the journal is bounded in
+        # memory, not only in entries.
         self._journal_holding: collections.deque = collections.deque()
         self._journal_records = 0
+        self._journal_text = 0
         self.journal_seq = 0
         self.reset_seq = 0  # the journal's seq at the last reset
         self.faults: list[dict] = []
@@ -898,19 +901,26 @@ class Store:
                 let_go.append(self.journal[0])
                 holding = self._journal_holding
                 if holding and holding[0] is self.journal[0]:
-                    self._journal_records -= len(holding.popleft()["records"])
+                    self._journal_let_go_locked(holding.popleft()["records"])
             self.journal.append(entry)
-            if entry.get("records"):
+            records = entry.get("records")
+            if records:
                 self._journal_holding.append(entry)
-                self._journal_records += len(entry["records"])
-                while self._journal_records > _JOURNAL_RECORDS and len(self._journal_holding) > 1:
+                self._journal_records += len(records)
+                self._journal_text += len(records.text) if isinstance(records, _SentRecords) else 0
+                while ((self._journal_records > _JOURNAL_RECORDS or self._journal_text > _JOURNAL_TEXT)
+                       and len(self._journal_holding) > 1):
                     oldest = self._journal_holding.popleft()
-                    self._journal_records -= len(oldest["records"])
+                    self._journal_let_go_locked(oldest["records"])
                     oldest["records_dropped"] = len(oldest["records"])
                     let_go.append(oldest["records"])
                     oldest["records"] = None
             self._changed_locked()
         del let_go
+
+    def _journal_let_go_locked(self, records: list | _SentRecords) -> None:
+        self._journal_records -= len(records)
+        self._journal_text -= len(records.text) if isinstance(records, _SentRecords) else 0
 
     def add_fault(self, fault: dict) -> int:
         with self.lock:

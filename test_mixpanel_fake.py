@@ -3691,7 +3691,22 @@ class TestJournal(_ServerTestCase):
             for _ in range(5):
                 _http("POST", "/track", batch, port=fake.port)
             self.assertEqual(fake.store._journal_records, 6000)
+            self.assertEqual(fake.store._journal_text, 3 * len(batch))
             self.assertEqual([len(e["records"]) for e in fake.requests()], [2000] * 3)
+
+    def test_the_journal_keeps_records_as_text_within_a_character_budget(self):
+        batch = json.dumps([_event(f"E{i}") for i in range(10)])
+        with unittest.mock.patch.object(mixpanel_fake, "_JOURNAL_TEXT", 3 * len(batch)), \
+                MixpanelFake(journal_size=50) as fake:
+            fake.set_time(T0)
+            for _ in range(5):
+                _http("POST", "/track", batch, port=fake.port)
+            entries = fake.requests(path="/track")
+            self.assertEqual([(len(e["records"] or ()), e["records_dropped"]) for e in entries],
+                             [(0, 10)] * 2 + [(10, 0)] * 3)
+            self.assertEqual(entries[-1]["records"], json.loads(batch))
+            self.assertEqual(fake.store._journal_text, 3 * len(batch))
+            self.assertIsInstance(fake.store.journal[-1]["records"], mixpanel_fake._SentRecords)
 
 
 class TestFaults(_ServerTestCase):
