@@ -1858,7 +1858,17 @@ def _plain_text(text: str) -> bool:
 
 
 def _read_records(req: _Request, ndjson: bool) -> tuple[list, str]:
-    """The request's records and its dialect: "json" (raw body) or "form".
+    """The request's records and its dialect: "json" (raw body) or "form";
+    noted on the request: whether its text is plain, and the text itself
+    for the journal (`_SentRecords`; none for no records)."""
+    records, dialect, text = _decode_records(req, ndjson)
+    req.plain_text = _plain_text(text)
+    req.sent = _SentRecords(text, ndjson and req.is_json, len(records)) if records else None
+    return records, dialect
+
+
+def _decode_records(req: _Request, ndjson: bool) -> tuple[list, str, str]:
+    """The request's records, its dialect and the JSON text they came in.
 
     A single object becomes a one-item list.  ``ndjson`` allows one JSON
     value per line (Mixpanel documents NDJSON for /import only).
@@ -1874,9 +1884,7 @@ def _read_records(req: _Request, ndjson: bool) -> tuple[list, str]:
             raise _PayloadError("data, missing or empty")
         text, base64_encoded = _data_text(raw)
         records = _as_records(_loads_data(text, base64_encoded))
-    req.plain_text = _plain_text(text)
-    req.sent = _SentRecords(text, ndjson and req.is_json, len(records))
-    return records, dialect
+    return records, dialect, text
 
 
 def _loads_body(text: str, ndjson: bool) -> Any:
@@ -3149,9 +3157,30 @@ def _id_text(value: Any) -> str | None:
     return None
 
 
-# The quick path for plain events (`_normalize_events`).  An event's property
-# names, in order, are its shape, as for profile updates below; a batch
-# reuses a few.  Both tables are bounded, like `_PLAIN_NAMES`.
+# The quick paths' shapes (`_normalize_events`, `_normalize_updates`): the
+# names of a record, in order.  A batch reuses a few, so one dict lookup per
+# record tells what the record holds.  The names are the sender's, so the
+# tables are bounded by the names and characters they hold, together, for
+# the life of the process (a shape past that is worked out each time).
+_SHAPE_NAMES_MAX = 100_000
+_SHAPE_CHARS_MAX = 2_000_000
+_shape_room = [_SHAPE_NAMES_MAX, _SHAPE_CHARS_MAX]  # what is left, under _SHAPE_LOCK
+_SHAPE_LOCK = threading.Lock()
+
+
+def _remember_shape(table: dict, shape: tuple, known: Any) -> Any:
+    """Keep what was learned of a shape in ``table`` while there is room."""
+    chars = sum(map(len, shape))
+    with _SHAPE_LOCK:
+        if shape not in table and len(shape) <= _shape_room[0] and chars <= _shape_room[1]:
+            table[shape] = known
+            _shape_room[0] -= len(shape)
+            _shape_room[1] -= chars
+    return known
+
+
+# The quick path for plain events (`_normalize_events`).  An event's
+# property names are its shape.
 _EVENT_SHAPES: dict = {}
 _EVENT_NAMES: set = set()  # names seen to need no check (`_plain_event_name`)
 _EVENT_NAMES_MAX = 10_000
@@ -3165,14 +3194,11 @@ def _learn_event_shape(shape: tuple) -> tuple | None:
     """What the quick path needs of a property shape: (whether it names a
     distinct_id, whether an $insert_id), or None when the full path must
     decide (a name to cut, a special property, no time, too many)."""
-    if (len(shape) >= _MAX_PROPERTIES or "time" not in shape
-            or not _EVENT_SPECIAL.isdisjoint(shape) or not _plain_names(shape)):
-        known = None
-    else:
-        known = ("distinct_id" in shape, "$insert_id" in shape)
-    if len(_EVENT_SHAPES) < _SHAPES_MAX:
-        _EVENT_SHAPES[shape] = known
-    return known
+    if len(shape) >= _MAX_PROPERTIES:
+        return None  # never quick: not worth its room
+    if "time" not in shape or not _EVENT_SPECIAL.isdisjoint(shape) or not _plain_names(shape):
+        return _remember_shape(_EVENT_SHAPES, shape, None)
+    return _remember_shape(_EVENT_SHAPES, shape, ("distinct_id" in shape, "$insert_id" in shape))
 
 
 def _plain_event_name(name: str) -> bool:
@@ -3271,11 +3297,9 @@ def _normalize_events(records: list, batch: _Batch, plans: bool) -> tuple[list, 
     return accepted, accepted_at, rejected, ignored
 
 
-# The quick path for plain profile updates (`_normalize_updates`).  A record's
-# names, in order, are its shape: a batch reuses a few, so one dict lookup
-# per record tells its operators.  Bounded, like `_PLAIN_NAMES`.
+# The quick path for plain profile updates (`_normalize_updates`): a
+# record's names are its shape, and tell its operators.
 _SHAPES: dict = {}
-_SHAPES_MAX = 10_000
 _MODIFIERS = frozenset(("$time", "$ignore_time", "$ignore_alias"))
 _SCALAR_OPS = frozenset(("$set", "$set_once", "$append", "$remove"))  # objects of _SCALARS
 
@@ -3288,10 +3312,7 @@ def _learn_shape(shape: tuple) -> tuple | None:
     if "$token" not in shape or "$distinct_id" not in shape or "$delete" in shape:
         return None
     ops = tuple((name, name in _SCALAR_OPS) for name in shape if name in _PEOPLE_OP_SET)
-    known = (ops, not _MODIFIERS.isdisjoint(shape)) if ops else None
-    if len(_SHAPES) < _SHAPES_MAX:
-        _SHAPES[shape] = known
-    return known
+    return _remember_shape(_SHAPES, shape, (ops, not _MODIFIERS.isdisjoint(shape)) if ops else None)
 
 
 def _quick_value(op: str, value: Any) -> bool:
@@ -3613,7 +3634,9 @@ def _ingest_events(store: Store, req: _Request, endpoint: str) -> _Response:
     if strict and _has_simplified_identity_event(store, accepted):
         # AK's probes: a strict /import holding $identify, $create_alias or
         # $merge for a Simplified project is refused whole, strings for records.
-        refused = [_rejection(endpoint, token, index, records[index],
+        # Each record as sent: the quick path has changed those it took.
+        sent = req.sent.decode()
+        refused = [_rejection(endpoint, token, index, sent[index],
                               _Reject(None, _SIMPLIFIED_IDENTITY_ERROR), batch.now)
                    for index, (token, _) in zip(accepted_at, accepted)]
         store.add_events([], rejected + refused)
@@ -6559,7 +6582,7 @@ def _fault_token(store: Store, req: _Request) -> str | None:
     if token is not None:
         return token
     try:
-        records, _ = _read_records(req, ndjson=True)
+        records = _decode_records(req, ndjson=True)[0]  # the request itself left as it was
     except _PayloadError:
         return None
     first = records[0] if records else None

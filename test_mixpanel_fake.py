@@ -729,6 +729,7 @@ class TestQuickPaths(unittest.TestCase):
         results = [mixpanel_fake._normalize_updates(records, kind, fallback, self.now, False, self.store,
                                                     "/engage", plain) for plain in (True, False)]
         self.assertEqual(results[0], results[1])
+        self.assertEqual(repr(results[0]), repr(results[1]))  # true apart from 1, key order too
         return results[0]
 
     def random_value(self, rng):
@@ -865,6 +866,7 @@ class TestQuickPaths(unittest.TestCase):
             with unittest.mock.patch.object(mixpanel_fake.os, "urandom", lambda n: b"\x01" * n):
                 results.append(mixpanel_fake._normalize_events(records, batch, plans))
         self.assertEqual(results[0], results[1])
+        self.assertEqual(repr(results[0]), repr(results[1]))  # true apart from 1, key order too
         return results[0]
 
     def test_random_events_take_the_same_path(self):
@@ -921,6 +923,37 @@ class TestQuickPaths(unittest.TestCase):
             self.assertEqual(full.call_count, 4)
         self.assertEqual((accepted, dropped), ([], 1))
         self.assertIn("unknown project token", rejected[0]["reason"])
+
+    def test_shapes_are_kept_within_their_room(self):
+        now = int(self.now)
+        self.store.set_time(self.now)
+        records = [{"event": "Signup", "properties": {"token": self.TOKEN, "time": now - 60, f"p{i}": i}}
+                   for i in range(6)]
+        shapes = mixpanel_fake._EVENT_SHAPES
+        with unittest.mock.patch.object(mixpanel_fake, "_shape_room", [8, 10 ** 6]):
+            accepted, _, rejected, _ = self.events_both(json.dumps(records), "/track", False)
+            self.assertEqual((len(accepted), rejected), (6, []))
+            # Three names a shape: two shapes fit in the room of eight names.
+            kept = [("token", "time", f"p{i}") in shapes for i in range(6)]
+            self.assertEqual(kept, [True, True, False, False, False, False])
+            self.assertEqual(mixpanel_fake._shape_room, [2, 10 ** 6 - 2 * len("tokentimep0")])
+        for i in range(2):
+            del shapes[("token", "time", f"p{i}")]
+        wide = {"token": self.TOKEN, "time": now - 60, **{f"q{i}": i for i in range(300)}}
+        self.events_both(json.dumps([{"event": "Signup", "properties": wide}]), "/track", False)
+        self.assertNotIn(tuple(wide), shapes)  # never quick: never kept
+
+    def test_a_refused_strict_import_shows_its_records_as_sent(self):
+        with MixpanelFake(projects=[Project(self.TOKEN)]) as fake:
+            now = int(time.time())
+            sent = [{"event": "Signup", "properties": {"token": self.TOKEN, "distinct_id": "u1",
+                                                        "time": now - 60, "$insert_id": "a1"}},
+                    {"event": "$identify", "properties": {"token": self.TOKEN, "distinct_id": "u1",
+                                                           "time": now - 60, "$insert_id": "a2",
+                                                           "$identified_id": "u1", "$anon_id": "x"}}]
+            self.assertEqual(_post_to(fake, "/import", sent)[0], 400)
+            self.assertEqual([r["record"] for r in fake.rejected()], sent)
+            self.assertEqual(fake.events(), [])
 
     def test_the_journal_shows_events_as_sent(self):
         with MixpanelFake(projects=[Project(self.TOKEN)]) as fake:
@@ -3693,6 +3726,25 @@ class TestJournal(_ServerTestCase):
             self.assertEqual(fake.store._journal_records, 6000)
             self.assertEqual(fake.store._journal_text, 3 * len(batch))
             self.assertEqual([len(e["records"]) for e in fake.requests()], [2000] * 3)
+
+    def test_the_journal_keeps_no_text_for_no_records(self):
+        with MixpanelFake(journal_size=50) as fake:
+            body = "[" + " " * 100_000 + "]"
+            self.assertEqual(_http("POST", "/track", body, {"Content-Type": "application/json"},
+                                   port=fake.port)[0], 200)
+            self.assertEqual(fake.requests(path="/track")[-1]["records"], [])
+            self.assertEqual(fake.store.journal[-1]["records"], [])  # not the text, kept uncounted
+            self.assertEqual(fake.store._journal_text, 0)
+
+    def test_a_scoped_fault_leaves_a_replays_journal_entry_alone(self):
+        with MixpanelFake(projects=[Project("tok")]) as fake:
+            fake.add_fault("/track", project="other")  # scoped: the fake reads each request's project
+            body = json.dumps([{"type": 3, "data": {}, "timestamp": 1}] * 2)
+            status = _http("POST", "/record?replay_id=r1&seq=0&token=tok", body,
+                           {"Content-Type": "application/json"}, port=fake.port)[0]
+            self.assertEqual(status, 200)
+            self.assertEqual(fake.requests(path="/record")[-1]["records"],
+                             [{"replay_id": "r1", "seq": 0, "events": 2}])
 
     def test_the_journal_keeps_records_as_text_within_a_character_budget(self):
         batch = json.dumps([_event(f"E{i}") for i in range(10)])
