@@ -222,6 +222,7 @@ _SIMPLIFIED_IDENTITY_ERROR = ("identity events are not allowed when project is u
 # The toolkit (README "Test toolkit").
 _JOURNAL_SIZE = 1000                   # requests kept in the journal by default
 _JOURNAL_BODY = 2000                   # characters of a response body kept per entry
+_JOURNAL_VALUE = 2000                  # characters of a query string or a header value kept
 _JOURNAL_RECORDS = 20000               # records kept across the journal's entries
 _JOURNAL_TEXT = 64 * 1024 * 1024       # characters of the text they came in, across the entries
 _SNAPSHOT_FORMAT = "mixpanel_fake/1"
@@ -6471,6 +6472,8 @@ _ROUTES: dict[tuple[str, str], Callable[[Store, _Request], _Response]] = {
 # Handlers with side effects: no HEAD on them.
 _INGESTION = frozenset((_track, _import, _engage, _groups, _annotations_create,
                         _annotations_update, _annotations_delete))
+# The ingestion handlers whose requests hold records, and where records name their token.
+_RECORD_KINDS = {_track: "events", _import: "events", _engage: "people", _groups: "groups"}
 _METHODS_BY_PATH: dict[str, list[str]] = {}
 for _method, _path in _ROUTES:
     _METHODS_BY_PATH.setdefault(_path, []).append(_method)
@@ -6589,6 +6592,15 @@ def _fault_token(store: Store, req: _Request) -> str | None:
     return _record_token(first, "events") or _record_token(first, "people")
 
 
+def _note_records(req: _Request, kind: str, ndjson: bool) -> None:
+    """A faulted ingestion request's records, for the journal: what the
+    client sent though no handler ran (a retry test compares the two)."""
+    try:
+        req.records, req.record_kind = _read_records(req, ndjson)[0], kind
+    except _PayloadError:
+        pass  # nothing decodable: the entry shows no records
+
+
 def _fault_response(fault: dict, req: _Request) -> _Response:
     """A fault's answer: its body if given, else the endpoint's own error
     shape (the SDKs read the body, not the status: sdks.md §5.4)."""
@@ -6633,7 +6645,7 @@ def _journal_entry(handler: Any, path: str, query: str, req: _Request | None,
     headers = {}
     for name, value in (handler.headers.items() if getattr(handler, "headers", None) else ()):
         headers[name] = "<redacted>" if name.lower() in ("authorization", "cookie", "proxy-authorization") \
-            else value
+            else value[:_JOURNAL_VALUE]
     if response is None:
         shown = None
     elif isinstance(response.body, bytes):
@@ -6653,7 +6665,7 @@ def _journal_entry(handler: Any, path: str, query: str, req: _Request | None,
         project = (named or (next(iter(projects)) if len(projects) == 1 else None)
                    or (fault["project"] if fault is not None else None))  # a fault fired for it
     return {"seq": 0, "time": time.time(), "method": handler.command, "path": path,
-            "query": _redacted_query(query), "headers": headers,
+            "query": _redacted_query(query)[:_JOURNAL_VALUE], "headers": headers,
             "body_size": len(req.body) if req is not None else 0,
             "records": _journal_records(req), "records_dropped": 0,
             "status": response.status if response is not None else None, "response": shown,
@@ -6928,6 +6940,8 @@ class _Handler(BaseHTTPRequestHandler):
                 if fault is None or (fault["status"] is None and not fault["drop_connection"]
                                      and not self.close_connection):
                     response = handler(store, request)  # no fault, or only a delay
+                elif handler in _RECORD_KINDS:
+                    _note_records(request, _RECORD_KINDS[handler], handler is _import)
         except ApiError as exc:
             response = _error_response(exc)
         except ExpressionError as exc:  # found while running a query's expression

@@ -3727,6 +3727,31 @@ class TestJournal(_ServerTestCase):
             self.assertEqual(fake.store._journal_text, 3 * len(batch))
             self.assertEqual([len(e["records"]) for e in fake.requests()], [2000] * 3)
 
+    def test_the_journal_cuts_long_query_strings_and_header_values(self):
+        with MixpanelFake() as fake:
+            _http("GET", "/health?junk=" + "j" * 10_000, headers={"X-Long": "h" * 10_000}, port=fake.port)
+            entry = fake.requests(path="/health")[-1]
+            self.assertEqual(entry["query"], ("junk=" + "j" * 10_000)[:2000])
+            self.assertEqual(entry["headers"]["X-Long"], "h" * 2000)
+
+    def test_a_faulted_request_keeps_what_it_sent(self):
+        with MixpanelFake() as fake:
+            fake.add_fault("/import", status=503, times=1)
+            fake.add_fault("/engage", drop_connection=True, times=1)
+            sent = [_event("Retried")]
+            self.assertEqual(_post_to(fake, "/import?strict=0", sent)[0], 503)
+            self.assertEqual(_post_to(fake, "/import?strict=0", sent)[0], 200)
+            with self.assertRaises((ConnectionError, http.client.HTTPException)):
+                _post_to(fake, "/engage", [{"$token": "t", "$distinct_id": "u", "$set": {"a": 1}}])
+            _http("POST", "/track", "data=%7Bbad", {"Content-Type": "application/x-www-form-urlencoded"},
+                  port=fake.port)
+            entries = fake.requests()
+            self.assertEqual([(e["path"], e["status"], e["records"], e["projects"]) for e in entries], [
+                ("/import", 503, sent, [sent[0]["properties"]["token"]]),
+                ("/import", 200, sent, [sent[0]["properties"]["token"]]),
+                ("/engage", None, [{"$token": "t", "$distinct_id": "u", "$set": {"a": 1}}], ["t"]),
+                ("/track", 200, None, [])])
+
     def test_the_journal_keeps_no_text_for_no_records(self):
         with MixpanelFake(journal_size=50) as fake:
             body = "[" + " " * 100_000 + "]"
