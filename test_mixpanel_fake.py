@@ -18,6 +18,7 @@ import http.client
 import json
 import logging
 import os
+import pathlib
 import random
 import select
 import shutil
@@ -3923,7 +3924,7 @@ class TestToolkitEdges(unittest.TestCase):
             thread.start()
         for thread in threads:
             thread.join()
-        self.assertEqual(json.load(open(path))["format"], "mixpanel_fake/1")
+        self.assertEqual(json.loads(pathlib.Path(path).read_text())["format"], "mixpanel_fake/1")
         self.assertEqual(os.listdir(directory), ["s.json"])
 
     def test_star_faults_spare_the_control_api_and_slow_faults_still_answer(self):
@@ -4157,7 +4158,7 @@ class TestState(unittest.TestCase):
         fake.store.add_events([(TOKEN, _event("First")["properties"] and
                                 {"event": "First", "properties": {"token": TOKEN, "time": T0}})], [])
         fake.save()
-        before = open(path, "rb").read()
+        before = pathlib.Path(path).read_bytes()
         fake.store.add_events([(TOKEN, {"event": "Second", "properties": {"token": TOKEN, "time": T0}})], [])
         original = os.fsync
 
@@ -4169,7 +4170,7 @@ class TestState(unittest.TestCase):
                 fake.save()
         finally:
             os.fsync = original
-        self.assertEqual(open(path, "rb").read(), before)
+        self.assertEqual(pathlib.Path(path).read_bytes(), before)
         self.assertEqual(os.listdir(directory), ["state.json"])
         with MixpanelFake(state_file=path) as again:
             self.assertEqual([e["event"] for e in again.events()], ["First"])
@@ -4374,7 +4375,7 @@ class TestCli(unittest.TestCase):
         self.assertEqual((json.loads(body)["max_events"], json.loads(body)["strict_auth"]), (100, True))
         proc.terminate()
         proc.wait(10)
-        saved = json.load(open(state))
+        saved = json.loads(pathlib.Path(state).read_text())
         self.assertEqual([e["event"] for e in saved["states"]["cli_tok"]["events"]], ["Logged"])
 
     def test_bad_arguments(self):
