@@ -3288,14 +3288,20 @@ def _normalize_events(records: list, batch: _Batch, plans: bool) -> tuple[list, 
             if not plans or _plan_check(store, token, event, endpoint, index, record, now, rejected):
                 accepted.append((token, event))
                 accepted_at.append(index)
-        except _Reject as reject:
-            token = _record_token(record, "events") or fallback
-            rejected.append(_rejection(endpoint, token, index, record, reject, now))
-        except _Ignored as drop:
-            ignored += 1
-            rejected.append(_rejection(endpoint, _record_token(record, "events") or fallback,
-                                       index, record, _Reject(None, str(drop)), now, dropped=True))
+        except (_Reject, _Ignored) as refusal:
+            ignored += isinstance(refusal, _Ignored)
+            rejected.append(_refused(endpoint, "events", fallback, index, record, refusal, now))
     return accepted, accepted_at, rejected, ignored
+
+
+def _refused(endpoint: str, kind: str, fallback: str | None, index: int, record: Any,
+             refusal: _Reject | _Ignored, now: float) -> dict:
+    """A record the normalizers refused (`_Reject`) or dropped (`_Ignored`),
+    filed under the token it names, else the credentials' project."""
+    token = _record_token(record, kind) or fallback
+    if isinstance(refusal, _Ignored):
+        return _rejection(endpoint, token, index, record, _Reject(None, str(refusal)), now, dropped=True)
+    return _rejection(endpoint, token, index, record, refusal, now)
 
 
 # The quick path for plain profile updates (`_normalize_updates`): a
@@ -3402,13 +3408,9 @@ def _normalize_updates(records: list, kind: str, fallback: str | None, now: floa
                         continue
         try:
             updates.append(_normalize_update(record, kind, fallback, now, index, sized, store, now_iso))
-        except _Reject as reject:
-            token = _record_token(record, kind) or fallback
-            rejected.append(_rejection(endpoint, token, index, record, reject, now))
-        except _Ignored as drop:
-            dropped += 1
-            rejected.append(_rejection(endpoint, _record_token(record, kind) or fallback, index, record,
-                                       _Reject(None, str(drop)), now, dropped=True))
+        except (_Reject, _Ignored) as refusal:
+            dropped += isinstance(refusal, _Ignored)
+            rejected.append(_refused(endpoint, kind, fallback, index, record, refusal, now))
     return updates, rejected, dropped
 
 
